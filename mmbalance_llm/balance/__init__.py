@@ -1,0 +1,75 @@
+"""Balancing methods: a registry of `Balancer` classes, one module per method.
+
+`available_methods()` lists the names, `get_method(name, **hparams)` builds one (unknown
+hyperparameters are errors). Modules in this package register themselves on import with
+`@register`; every module here is imported on first use, so adding a method is adding a file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import pkgutil
+
+from mmbalance_llm.balance.base import Balancer, BalancerConfig, TrainContext, hp, model_inputs
+
+_REGISTRY: dict = {}
+_LOADED = False
+
+
+def register(cls):
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"balancer name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in ("base",) and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+    _LOADED = True
+
+
+def available_methods() -> list:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str):
+    _load_all()
+    if name not in _REGISTRY:
+        match = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        hint = f" (did you mean '{match[0]}'?)" if match else f" (available: {', '.join(sorted(_REGISTRY))})"
+        raise ValueError(f"unknown balance.method {name!r}{hint}")
+    return _REGISTRY[name]
+
+
+def _make_config(cls, hparams: dict):
+    valid = {f.name for f in dataclasses.fields(cls.config_class)}
+    for key in hparams:
+        if key not in valid:
+            match = difflib.get_close_matches(key, list(valid), n=1)
+            hint = f" (did you mean '{match[0]}'?)" if match else (
+                f" (valid: {', '.join(sorted(valid))})" if valid else " (this method has no hyperparameters)")
+            raise ValueError(f"unknown hyperparameter 'balance.{key}' for method '{cls.name}'{hint}")
+    return cls.config_class(**hparams)
+
+
+def method_config(section: dict):
+    """Validate a recipe's `balance` section; returns (class, config)."""
+    section = dict(section)
+    cls = method_class(section.pop("method", "none"))
+    return cls, _make_config(cls, section)
+
+
+def get_method(name: str = "none", **hparams) -> Balancer:
+    cls = method_class(name)
+    return cls(_make_config(cls, hparams))
+
+
+__all__ = ["Balancer", "BalancerConfig", "TrainContext", "available_methods", "get_method", "hp",
+           "method_config", "model_inputs", "register"]

@@ -1,0 +1,147 @@
+"""The hook interface every balancing method implements (ARCHITECTURE.md, "Balancer interface").
+
+The trainer calls, per optimizer step::
+
+    outputs = balancer.forward(model, batch)            # feed-forward methods change this
+    loss, logs = balancer.loss(model, batch, outputs)   # objective methods change this
+    accelerator.backward(loss)
+    balancer.after_backward(model, step)                # optimization methods edit gradients here
+    optimizer.step()
+
+and `on_epoch_start` / `on_epoch_end` around each epoch (prototypes, re-initialisation, valuation).
+Methods that reorganise a whole epoch override `train_epoch`; data-stage methods return their own
+loader from `train_loader`. Methods never reach into a model class: they read the model-output
+contract (`logits`, `features`, `unimodal_logits`) and `modality_parameters(m)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+STAGES = ("none", "data", "feed-forward", "objective", "optimization")
+
+
+@dataclass
+class BalancerConfig:
+    """Base config: methods subclass it with their hyperparameters (each field carries help text and
+    the paper default in its metadata)."""
+
+
+@dataclass
+class TrainContext:
+    """What a balancer may use besides the model and the batch. `loaders` holds `train` (shuffled),
+    `train_eval` (ordered, no augmentation) and `validation`; test is never exposed to methods."""
+
+    accelerator: Any
+    modalities: list
+    num_classes: int
+    recipe: Any
+    loaders: dict
+    seed: int = 0
+    epoch: int = 0
+    global_step: int = 0
+    trainer: Any = None
+
+    def unwrap(self, model):
+        return self.accelerator.unwrap_model(model)
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a statistic over processes, so every rank applies the same update."""
+        if self.accelerator.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor.detach().clone(), reduction="sum")
+
+
+def model_inputs(batch: dict, modalities) -> dict:
+    return {m: batch[m] for m in modalities}
+
+
+class Balancer:
+    """No balancing: fused cross-entropy. Subclasses set the class attributes below."""
+
+    name: str = "none"
+    stage: str = "none"
+    paper: str = ""
+    supports_many_modalities: bool = True  # M > 2
+    requires_unimodal_logits: bool = False  # needs a fusion head that splits (concat / sum)
+    needs_param_grads: bool = False  # edits p.grad after the all-reduce (unsupported under DeepSpeed)
+    find_unused_parameters: bool = False  # DDP: some parameters get no gradient on some steps
+    config_class = BalancerConfig
+
+    def __init__(self, config: Optional[BalancerConfig] = None):
+        self.config = config if config is not None else self.config_class()
+        self.ctx: Optional[TrainContext] = None
+
+    # -- set-up -------------------------------------------------------------------------------
+    def build_model(self, model_cfg, modalities, input_shapes, num_classes):
+        """Build the model from the recipe's `model` section. Methods that need another architecture
+        (a shared head, cross-modal blocks) override this and still return a PreTrainedModel."""
+        from mmbalance_llm.models.registry import build_model
+
+        return build_model(model_cfg, modalities, input_shapes, num_classes)
+
+    def setup(self, ctx: TrainContext, model) -> None:
+        """Called once after the model is built and prepared; check requirements here."""
+        self.ctx = ctx
+        m = ctx.unwrap(model)
+        if self.requires_unimodal_logits and not getattr(m, "has_unimodal_logits", False):
+            raise ValueError(
+                f"balance.method '{self.name}' needs split unimodal logits; use model.fusion concat or sum"
+            )
+        if len(ctx.modalities) > 2 and not self.supports_many_modalities:
+            raise ValueError(f"balance.method '{self.name}' supports 2 modalities, the data has {len(ctx.modalities)}")
+        if self.needs_param_grads and ctx.accelerator.distributed_type.name == "DEEPSPEED":
+            raise ValueError(f"balance.method '{self.name}' edits parameter gradients, which DeepSpeed does not expose; "
+                             f"use DDP or a setting of the method that needs no parameter-gradient edit")
+
+    # -- per step -----------------------------------------------------------------------------
+    def forward(self, model, batch: dict):
+        return model(**model_inputs(batch, self.ctx.modalities))
+
+    def loss(self, model, batch: dict, outputs) -> tuple[torch.Tensor, dict]:
+        return F.cross_entropy(outputs.logits, batch["labels"]), {}
+
+    def after_backward(self, model, step: int) -> None:
+        """Runs after the gradient all-reduce, on steps where gradients sync, before clipping."""
+
+    # -- per epoch ----------------------------------------------------------------------------
+    def on_epoch_start(self, model, epoch: int) -> None:
+        pass
+
+    def on_epoch_end(self, model, epoch: int) -> None:
+        pass
+
+    def train_loader(self, epoch: int):
+        """Data-stage methods return a prepared loader for this epoch; None keeps the default."""
+        return None
+
+    train_epoch = None  # methods that reorganise an epoch set a callable (trainer, model, loader, epoch)
+
+    # -- checkpointing ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Tensors and JSON values; saved in every checkpoint and restored on resume."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    @classmethod
+    def describe(cls) -> dict:
+        fields = {
+            f.name: {"default": f.default if f.default is not dataclasses.MISSING else None,
+                     "help": f.metadata.get("help", "")}
+            for f in dataclasses.fields(cls.config_class)
+        }
+        return {"name": cls.name, "stage": cls.stage, "paper": cls.paper,
+                "supports_many_modalities": cls.supports_many_modalities, "hyperparameters": fields}
+
+
+def hp(default, help_text: str):
+    """A hyperparameter field with its paper default and help text."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help_text})
+    return dataclasses.field(default=default, metadata={"help": help_text})

@@ -1,0 +1,10 @@
+"""`none`: the plain baseline, fused cross-entropy only."""
+from mmbalance_llm.balance import register
+from mmbalance_llm.balance.base import Balancer
+
+
+@register
+class NoBalancing(Balancer):
+    name = "none"
+    stage = "none"
+    paper = "Plain joint training (the baseline every method is compared with)."

@@ -1,0 +1,160 @@
+"""The `mmbalance` command (also `python -m mmbalance_llm`).
+
+    mmbalance train RECIPE [dotted.key=value ...]
+    mmbalance compare [--recipe R] [--methods a,b] [--seeds 0,1,2] [--preset P] [--data PATH] [key=value ...]
+    mmbalance eval MODEL_DIR --data PATH [--split test]
+    mmbalance make-data synthetic OUT_DIR [--preset P] [--modality name:dim=32,snr=2,encoding=linear ...]
+    mmbalance methods
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _env_defaults() -> None:
+    # The hub is never needed; without these, datasets/transformers spend ~25 s on connection timeouts.
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE"):
+        os.environ.setdefault(key, "1")
+
+
+def cmd_train(args) -> int:
+    from mmbalance_llm.config import read_yaml
+
+    raw = read_yaml(args.recipe)
+    if raw.get("task", "classify") == "sft":  # multimodal-LLM fine-tuning has its own loop
+        from mmbalance_llm.train.sft import main as sft_main
+
+        return sft_main(args.recipe, args.overrides)
+    from mmbalance_llm.config import load_recipe
+    from mmbalance_llm.train.trainer import Trainer
+
+    recipe = load_recipe(raw, args.overrides)
+    final = Trainer(recipe).fit()
+    if final is not None and int(os.environ.get("RANK", "0")) == 0:
+        test = final.get("test") or final.get("validation") or {}
+        print(json.dumps({k: test.get(k) for k in ("accuracy", "macro_f1", "unimodal_accuracy", "imbalance")},
+                         indent=2))
+        print(f"[mmbalance] wrote {recipe.output_dir}/final_metrics.json")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from mmbalance_llm.compare import run_compare
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from mmbalance_llm.balance import method_class
+
+    for m in methods:
+        method_class(m)  # fail before any training on a misspelled name
+    run_compare(args.output_dir, methods=methods, seeds=seeds, recipe_path=args.recipe, data_path=args.data,
+                preset=args.preset, alone=not args.no_alone, overrides=args.overrides)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from mmbalance_llm.eval.saved import evaluate_saved
+
+    metrics = evaluate_saved(args.model, args.data, args.split, batch_size=args.batch_size)
+    print(json.dumps(metrics, indent=2))
+    if args.out:
+        from mmbalance_llm.train.io import write_json_atomic
+
+        write_json_atomic(args.out, metrics)
+    return 0
+
+
+def cmd_make_data(args) -> int:
+    if args.kind == "synthetic":
+        from mmbalance_llm.data.synthetic import spec_from_args, write_synthetic
+
+        spec = spec_from_args(args.preset, args.modality, num_classes=args.num_classes, train_size=args.train_size,
+                              validation_size=args.validation_size, test_size=args.test_size, seed=args.seed)
+        write_synthetic(args.out_dir, spec)
+        print(f"[mmbalance] wrote {args.out_dir} ({', '.join(m.name for m in spec.modalities)}; "
+              f"{spec.train_size}/{spec.validation_size}/{spec.test_size} samples, card.json)")
+        return 0
+    raise SystemExit(f"unknown data kind {args.kind!r}")
+
+
+def cmd_methods(args) -> int:
+    from mmbalance_llm.balance import available_methods, method_class
+
+    for name in available_methods():
+        d = method_class(name).describe()
+        many = "M>2" if d["supports_many_modalities"] else "M=2"
+        print(f"{name:18s} {d['stage']:13s} {many:5s} {d['paper']}")
+        for key, f in d["hyperparameters"].items():
+            print(f"{'':20s}{key} = {f['default']!r}: {f['help']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmbalance", description="Balanced multimodal fine-tuning toolkit.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a YAML recipe")
+    t.add_argument("recipe")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=3e-4")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("compare", help="train several methods on the same data and tabulate")
+    c.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied to every run")
+    c.add_argument("--recipe", default=None, help="base recipe (default: the built-in synthetic baseline)")
+    c.add_argument("--methods", default="none,unimodal_aux,ogm_ge")
+    c.add_argument("--seeds", default="0")
+    c.add_argument("--preset", default="av_imbalance", help="synthetic preset when no data path is given")
+    c.add_argument("--data", default=None, help="dataset path (overrides the recipe's data.path)")
+    c.add_argument("--output-dir", default="runs/compare")
+    c.add_argument("--no-alone", action="store_true", help="skip training each modality alone")
+    c.set_defaults(func=cmd_compare)
+
+    e = sub.add_parser("eval", help="evaluate a saved model (e.g. RUN/best) on a dataset split")
+    e.add_argument("model")
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", default="test")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("make-data", help="generate datasets")
+    d.add_argument("kind", choices=["synthetic"])
+    d.add_argument("out_dir")
+    d.add_argument("--preset", default=None, help="av_imbalance | balanced | tri_modal | tokens")
+    d.add_argument("--modality", action="append", default=[],
+                   help="name:dim=32,snr=2.0,encoding=linear|mixture|tokens,informative=1.0,seq_len=16,signal_tokens=2")
+    d.add_argument("--num-classes", type=int, default=None)
+    d.add_argument("--train-size", type=int, default=None)
+    d.add_argument("--validation-size", type=int, default=None)
+    d.add_argument("--test-size", type=int, default=None)
+    d.add_argument("--seed", type=int, default=None)
+    d.set_defaults(func=cmd_make_data)
+
+    m = sub.add_parser("methods", help="list balancing methods with stage and hyperparameters")
+    m.set_defaults(func=cmd_methods)
+    return p
+
+
+def main(argv=None) -> int:
+    _env_defaults()
+    args = build_parser().parse_args(argv)
+    from mmbalance_llm.config import RecipeError
+    from mmbalance_llm.data.features import DataError
+
+    try:
+        return args.func(args)
+    except (RecipeError, DataError, FileNotFoundError) as exc:
+        print(f"mmbalance: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad hyperparameters / model settings: one line, no traceback
+        if os.environ.get("MMBALANCE_DEBUG"):
+            raise
+        print(f"mmbalance: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

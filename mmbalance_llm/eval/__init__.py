@@ -1,0 +1,1 @@
+"""Evaluation: balance metrics, the evaluation pass, plots."""

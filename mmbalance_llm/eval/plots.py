@@ -1,0 +1,84 @@
+"""PNG plots of a run (per-modality accuracy per epoch) and of a comparison (accuracy vs imbalance)."""
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_jsonl(path: str) -> list:
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def eval_rows(metrics_path: str, split: str = "validation") -> list:
+    return [r for r in read_jsonl(metrics_path) if r.get("split") == split]
+
+
+def plot_run(metrics_path: str, out_png: str, title: str = "") -> str:
+    """Fused and per-modality unimodal validation accuracy per epoch."""
+    rows = eval_rows(metrics_path)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if rows:
+        epochs = [r["epoch"] for r in rows]
+        ax.plot(epochs, [r["accuracy"] for r in rows], "k-", lw=2, label="fused")
+        for m in rows[0].get("unimodal_accuracy", {}):
+            ax.plot(epochs, [r["unimodal_accuracy"][m] for r in rows], "--", label=f"{m} (unimodal)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(title or "accuracy per modality")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def plot_compare_curves(runs: dict, out_png: str, modalities: list) -> str:
+    """One panel per modality: its unimodal validation accuracy per epoch for every method."""
+    n = len(modalities) + 1
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), sharey=True)
+    for name, metrics_path in runs.items():
+        rows = eval_rows(metrics_path)
+        if not rows:
+            continue
+        epochs = [r["epoch"] for r in rows]
+        axes[0].plot(epochs, [r["accuracy"] for r in rows], label=name)
+        for ax, m in zip(axes[1:], modalities):
+            ax.plot(epochs, [r["unimodal_accuracy"][m] for r in rows], label=name)
+    axes[0].set_title("fused")
+    for ax, m in zip(axes[1:], modalities):
+        ax.set_title(f"{m} (unimodal)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def plot_pareto(points: dict, out_png: str) -> str:
+    """Fused test accuracy against imbalance, one point per method (mean, with std error bars)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for name, p in points.items():
+        ax.errorbar(p["imbalance"], p["accuracy"], xerr=p.get("imbalance_std", 0), yerr=p.get("accuracy_std", 0),
+                    fmt="o", capsize=3)
+        ax.annotate(name, (p["imbalance"], p["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("imbalance (Shapley, lower is more balanced)")
+    ax.set_ylabel("fused test accuracy")
+    ax.set_title("performance vs balance")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

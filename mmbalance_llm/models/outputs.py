@@ -1,0 +1,19 @@
+"""The model-output contract every model driven by the trainer satisfies (ARCHITECTURE.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from transformers.utils import ModelOutput
+
+
+@dataclass
+class MultimodalOutput(ModelOutput):
+    """`logits` fused [B, C]; `features` {modality: [B, d]}; `unimodal_logits` {modality: [B, C]} when the
+    fusion head splits (their sum equals `logits`), else None; `loss` when labels were given."""
+
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    features: Optional[dict] = None
+    unimodal_logits: Optional[dict] = None

@@ -1,0 +1,69 @@
+"""Building blocks of a run: the Accelerator (with the multi-process guard), optimizer and schedule."""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+LAUNCH_HELP = (
+    "the launcher started {n} processes but Accelerate sees one, so each would train alone on all the data. "
+    "On CPU, launch DDP with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {n} ... "
+    "(or torchrun); see the README's launch table"
+)
+
+
+def launched_world_size() -> int:
+    for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
+def make_accelerator(train_cfg, find_unused_parameters: bool = False):
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
+    if not torch.cuda.is_available() and launched_world_size() > 1:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # DeepSpeed on CPU needs it explicitly
+    accelerator = Accelerator(
+        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
+        mixed_precision=train_cfg.mixed_precision,
+        kwargs_handlers=handlers,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    n = launched_world_size()
+    if n > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(LAUNCH_HELP.format(n=n))
+    return accelerator
+
+
+def make_optimizer(model, cfg):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def make_scheduler(optimizer, cfg, steps_per_epoch: int):
+    """LR schedule in optimizer steps of the whole run (Accelerate steps it once per process and step,
+    so `steps_per_epoch` counts the unsharded loader)."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = cfg.warmup_steps
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg.scheduler == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.scheduler == "step":
+            return cfg.gamma ** (step // max(1, cfg.step_size_epochs * steps_per_epoch))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
