@@ -214,7 +214,10 @@ def recipe_from_dict(raw: dict, *, validate_balance: bool = True) -> Recipe:
     if validate_balance:
         from mmbalance_llm.balance import method_config  # validates method name and hyperparameters
 
-        method_config(recipe.balance)
+        try:
+            method_config(recipe.balance)
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
     return recipe
 
 
