@@ -39,16 +39,16 @@ class ClassifierAdapter:
         self.T = sum(self.ntok.values())
         tm = torch.cat([torch.full((self.ntok[m],), i) for i, m in enumerate(mods)])
         self.token_modality = tm.unsqueeze(0).expand(self.B, -1).clone()
-        with torch.no_grad():
-            logits = self._logits(self.inputs)
         if target is None:
-            self.y = logits.argmax(-1)
+            with torch.no_grad():
+                self.y = self._logits(self.inputs).argmax(-1)
             self.target_desc = "log_softmax(logits)[predicted class] (prediction on the full input)"
-        else:
+        else:  # no forward pass needed: the cost of a method is then its own passes only
             y = torch.as_tensor(target, device=dev).long().reshape(-1)
             self.y = y.expand(self.B).clone() if y.numel() == 1 else y
-            if len(self.y) != self.B or int(self.y.max()) >= logits.shape[-1] or int(self.y.min()) < 0:
-                raise ValueError(f"attribution: target must be one class id or {self.B} ids in [0, {logits.shape[-1]})")
+            n_cls = getattr(getattr(model, "config", None), "num_classes", None)
+            if len(self.y) != self.B or int(self.y.min()) < 0 or (n_cls is not None and int(self.y.max()) >= n_cls):
+                raise ValueError(f"attribution: target must be one class id or {self.B} ids in [0, {n_cls})")
             self.target_desc = "log_softmax(logits)[given class]"
 
     # ---------------------------------------------------------------- scoring

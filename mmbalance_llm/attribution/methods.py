@@ -62,29 +62,33 @@ def integrated_gradients(ad, steps: int = 16, baseline: str = "zero", internal_b
     base = ad.baseline_leaves(baseline)
     B = ad.B
     alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps  # midpoint Riemann sum
-    rows_idx = torch.arange(B).repeat_interleave(steps)
-    rows_alpha = alphas.repeat(B)
+    # two extra rows per sample (alpha 0 and 1) give f(baseline) and f(input) for the completeness check
+    rows_idx = torch.arange(B).repeat_interleave(steps + 2)
+    rows_alpha = torch.cat([alphas, torch.tensor([0.0, 1.0])]).repeat(B)
+    is_path = torch.cat([torch.ones(steps), torch.zeros(2)]).repeat(B).bool()
     dev = next(iter(x.values())).device
     total = {k: torch.zeros_like(v) for k, v in x.items()}
+    ends = torch.zeros(B, 2, dtype=torch.float64)
     for s in range(0, len(rows_idx), internal_batch_size):
-        idx, al = rows_idx[s:s + internal_batch_size].to(dev), rows_alpha[s:s + internal_batch_size].to(dev)
+        sl = slice(s, s + internal_batch_size)
+        idx, al, path = rows_idx[sl].to(dev), rows_alpha[sl].to(dev), is_path[sl].to(dev)
         pts = {k: v.detach().requires_grad_(True) for k, v in ad.interpolate(x, base, al, idx).items()}
         with torch.enable_grad():
             f, _ = ad.score(pts, idx)
-            grads = torch.autograd.grad(f.sum(), list(pts.values()))
+            grads = torch.autograd.grad((f * path).sum(), list(pts.values()))
         for k, g in zip(pts, grads):
             total[k].index_add_(0, idx, g)
+        end = ~path.cpu()
+        ends[rows_idx[sl][end], (rows_alpha[sl][end] > 0.5).long()] = f.detach().double().cpu()[end]
+    f_b, f_x = ends[:, 0], ends[:, 1]
     prod = {k: (x[k] - base[k]) * total[k] / steps for k in x}
     a = ad.reduce_tokens(prod).float().cpu() * (ad.token_modality >= 0)
-    with torch.no_grad():
-        f_x, _ = ad.score(x)
-        f_b, _ = ad.score(base)
-    gap = (ad.reduce_tokens(prod).float().cpu().sum(1) - (f_x - f_b).float().cpu())
+    gap = (ad.reduce_tokens(prod).float().cpu().sum(1) - (f_x - f_b).float())
     share, deg = token_shares(a, ad.token_modality, ad.modalities)
     return AttributionResult("integrated_gradients", a, ad.token_modality, ad.modalities, share, ad.target_desc,
                              f"{baseline} baseline, {steps} midpoint steps",
                              {"signed": modality_sums(a, ad.token_modality, ad.modalities), "degenerate": deg,
-                              "completeness_gap": gap, "f_input": f_x.cpu(), "f_baseline": f_b.cpu()})
+                              "completeness_gap": gap, "f_input": f_x.float(), "f_baseline": f_b.float()})
 
 
 def shapley_modality(ad, **_):
