@@ -11,8 +11,9 @@ Media paths are relative to the data file's folder (or ``media_root``). Every pr
 ``ChatDataError`` naming the file and the sample (index and id): unknown roles, placeholders that do not
 match the media lists, missing files, media tokens that truncation would cut.
 
-Collation renders each conversation with the processor's chat template, tokenises it segment by segment
-(so the assistant tokens are known exactly and are the only ones with labels), runs every media item through
+Collation renders each conversation with the processor's chat template, tokenises the rendered text once
+(identical ids to the HF processor) and labels exactly the tokens inside assistant replies, located by
+rendering the conversation turn by turn; runs every media item through
 the processor's image processor / feature extractor and expands its placeholder to the number of tokens
 the model expects; ``mm_token_type_ids`` is added for families that take it (Qwen2-VL).
 """
@@ -266,13 +267,27 @@ class ChatCollator:
         if answer is not None:
             msgs[-1] = {"role": "assistant", "content": answer}
         media = self._media_tokens(rec, where)
-        ids, labels = [], []
-        first = True
-        for text, is_label in self._segments(msgs, add_answer):
-            t = self.tok(text, add_special_tokens=first)["input_ids"]
-            first = False
-            ids += t
-            labels += t if is_label else [IGNORE_INDEX] * len(t)
+        segs = self._segments(msgs, add_answer)
+        text = "".join(t for t, _ in segs)
+        spans, pos = [], 0
+        for t, is_label in segs:
+            if is_label:
+                spans.append((pos, pos + len(t)))
+            pos += len(t)
+        if getattr(self.tok, "is_fast", False):
+            # tokenise the whole rendered text once (as the processor does) and label the tokens that overlap an
+            # assistant span; tokenising segment by segment would change BPE merges at the boundaries
+            t = self.tok(text, add_special_tokens=True, return_offsets_mapping=True)
+            ids = t["input_ids"]
+            labels = [i if any(a < e and b > s_ for s_, e in spans) else IGNORE_INDEX
+                      for i, (a, b) in zip(ids, t["offset_mapping"])]
+        else:
+            ids, labels, first = [], [], True
+            for seg, is_label in segs:
+                t = self.tok(seg, add_special_tokens=first)["input_ids"]
+                first = False
+                ids += t
+                labels += t if is_label else [IGNORE_INDEX] * len(t)
         types = [0] * len(ids)
         exp_ids, exp_labels, exp_types = [], [], []
         seen = {"image": 0, "audio": 0}
