@@ -176,7 +176,8 @@ class ChatCollator:
     (used to score answer options).
     """
 
-    def __init__(self, processor, model_config, max_length: int = 512, padding_side: str = "right"):
+    def __init__(self, processor, model_config, max_length: int = 512, padding_side: str = "right",
+                 media_cache_size: int = 0):
         from mmbalance_llm.models.modality_map import get_modality_map
 
         self.processor = processor
@@ -188,6 +189,9 @@ class ChatCollator:
         self.token_ids = self.mmap.token_ids(model_config)
         self.max_length = max_length
         self.padding_side = padding_side
+        # processed media by file path (FIFO); worth it for small media seen every epoch, off by default
+        self.media_cache_size = media_cache_size
+        self._media_cache: dict = {}
         if getattr(processor, "chat_template", None) is None and getattr(self.tok, "chat_template", None) is None:
             raise ValueError("the processor/tokenizer has no chat_template; set one before collating chat data")
         self.template = getattr(processor, "chat_template", None) or self.tok.chat_template
@@ -235,6 +239,17 @@ class ChatCollator:
     # -- media
     def _media_tokens(self, rec, where):
         """Per media kind: list of (n_tokens, tensors dict) in placeholder order."""
+        key = (tuple(rec["images"]), tuple(rec["audios"]))
+        if key in self._media_cache:
+            return self._media_cache[key]
+        out = self._process_media(rec, where)
+        if self.media_cache_size:
+            if len(self._media_cache) >= self.media_cache_size:
+                self._media_cache.pop(next(iter(self._media_cache)))
+            self._media_cache[key] = out
+        return out
+
+    def _process_media(self, rec, where):
         out = {"image": [], "audio": []}
         for p in rec["images"]:
             if self.image_processor is None:
@@ -259,14 +274,16 @@ class ChatCollator:
                                      "feature_attention_mask": t["attention_mask"]}))
         return out
 
-    def encode(self, rec: dict, add_answer: bool = True, answer: str | None = None, where: str | None = None) -> dict:
+    def encode(self, rec: dict, add_answer: bool = True, answer: str | None = None, where: str | None = None,
+               media: dict | None = None) -> dict:
+        """One record -> ids/labels/types (+ processed ``media``, reusable across calls for the same record)."""
         import torch
 
         where = where or f"sample id={rec.get('id')}"
         msgs = [dict(m) for m in rec["messages"]]
         if answer is not None:
             msgs[-1] = {"role": "assistant", "content": answer}
-        media = self._media_tokens(rec, where)
+        media = media if media is not None else self._media_tokens(rec, where)
         segs = self._segments(msgs, add_answer)
         text = "".join(t for t, _ in segs)
         spans, pos = [], 0

@@ -86,6 +86,7 @@ class MokaMaskContext:
         self.mod_ids: torch.Tensor | None = None
         self.decode = False
         self._cross: dict[int, CrossIndex] = {}
+        self._rows: dict = {}
 
     def update(self, batch: dict) -> None:
         """Compute the masks for a forward call's keyword arguments."""
@@ -121,8 +122,17 @@ class MokaMaskContext:
             return None, {}
         if self.mod_ids.device != x.device:  # model split over devices
             self.mod_ids = self.mod_ids.to(x.device)
+            self._rows = {}
             self._cross = {k: CrossIndex(*(t.to(x.device) for t in vars(v).values())) for k, v in self._cross.items()}
         return self.mod_ids, self._cross
+
+
+    def row_mask(self, mid: int, dtype: torch.dtype) -> torch.Tensor:
+        """[B,T,1] 0/1 mask of modality ``mid`` in ``dtype``, computed once per forward and shared by all layers."""
+        key = (mid, dtype)
+        if key not in self._rows:
+            self._rows[key] = (self.mod_ids == mid).unsqueeze(-1).to(dtype)
+        return self._rows[key]
 
 
 def cross_attend(h_media: torch.Tensor, h_text: torch.Tensor, ci: CrossIndex, rank: int) -> torch.Tensor:
