@@ -11,8 +11,9 @@ Media paths are relative to the data file's folder (or ``media_root``). Every pr
 ``ChatDataError`` naming the file and the sample (index and id): unknown roles, placeholders that do not
 match the media lists, missing files, media tokens that truncation would cut.
 
-Collation renders each conversation with the processor's chat template, tokenises it segment by segment
-(so the assistant tokens are known exactly and are the only ones with labels), runs every media item through
+Collation renders each conversation with the processor's chat template, tokenises the rendered text once
+(identical ids to the HF processor) and labels exactly the tokens inside assistant replies, located by
+rendering the conversation turn by turn; runs every media item through
 the processor's image processor / feature extractor and expands its placeholder to the number of tokens
 the model expects; ``mm_token_type_ids`` is added for families that take it (Qwen2-VL).
 """
@@ -175,7 +176,8 @@ class ChatCollator:
     (used to score answer options).
     """
 
-    def __init__(self, processor, model_config, max_length: int = 512, padding_side: str = "right"):
+    def __init__(self, processor, model_config, max_length: int = 512, padding_side: str = "right",
+                 media_cache_size: int = 0):
         from mmbalance_llm.models.modality_map import get_modality_map
 
         self.processor = processor
@@ -187,6 +189,9 @@ class ChatCollator:
         self.token_ids = self.mmap.token_ids(model_config)
         self.max_length = max_length
         self.padding_side = padding_side
+        # processed media by file path (FIFO); worth it for small media seen every epoch, off by default
+        self.media_cache_size = media_cache_size
+        self._media_cache: dict = {}
         if getattr(processor, "chat_template", None) is None and getattr(self.tok, "chat_template", None) is None:
             raise ValueError("the processor/tokenizer has no chat_template; set one before collating chat data")
         self.template = getattr(processor, "chat_template", None) or self.tok.chat_template
@@ -234,6 +239,17 @@ class ChatCollator:
     # -- media
     def _media_tokens(self, rec, where):
         """Per media kind: list of (n_tokens, tensors dict) in placeholder order."""
+        key = (tuple(rec["images"]), tuple(rec["audios"]))
+        if key in self._media_cache:
+            return self._media_cache[key]
+        out = self._process_media(rec, where)
+        if self.media_cache_size:
+            if len(self._media_cache) >= self.media_cache_size:
+                self._media_cache.pop(next(iter(self._media_cache)))
+            self._media_cache[key] = out
+        return out
+
+    def _process_media(self, rec, where):
         out = {"image": [], "audio": []}
         for p in rec["images"]:
             if self.image_processor is None:
@@ -258,21 +274,37 @@ class ChatCollator:
                                      "feature_attention_mask": t["attention_mask"]}))
         return out
 
-    def encode(self, rec: dict, add_answer: bool = True, answer: str | None = None, where: str | None = None) -> dict:
+    def encode(self, rec: dict, add_answer: bool = True, answer: str | None = None, where: str | None = None,
+               media: dict | None = None) -> dict:
+        """One record -> ids/labels/types (+ processed ``media``, reusable across calls for the same record)."""
         import torch
 
         where = where or f"sample id={rec.get('id')}"
         msgs = [dict(m) for m in rec["messages"]]
         if answer is not None:
             msgs[-1] = {"role": "assistant", "content": answer}
-        media = self._media_tokens(rec, where)
-        ids, labels = [], []
-        first = True
-        for text, is_label in self._segments(msgs, add_answer):
-            t = self.tok(text, add_special_tokens=first)["input_ids"]
-            first = False
-            ids += t
-            labels += t if is_label else [IGNORE_INDEX] * len(t)
+        media = media if media is not None else self._media_tokens(rec, where)
+        segs = self._segments(msgs, add_answer)
+        text = "".join(t for t, _ in segs)
+        spans, pos = [], 0
+        for t, is_label in segs:
+            if is_label:
+                spans.append((pos, pos + len(t)))
+            pos += len(t)
+        if getattr(self.tok, "is_fast", False):
+            # tokenise the whole rendered text once (as the processor does) and label the tokens that overlap an
+            # assistant span; tokenising segment by segment would change BPE merges at the boundaries
+            t = self.tok(text, add_special_tokens=True, return_offsets_mapping=True)
+            ids = t["input_ids"]
+            labels = [i if any(a < e and b > s_ for s_, e in spans) else IGNORE_INDEX
+                      for i, (a, b) in zip(ids, t["offset_mapping"])]
+        else:
+            ids, labels, first = [], [], True
+            for seg, is_label in segs:
+                t = self.tok(seg, add_special_tokens=first)["input_ids"]
+                first = False
+                ids += t
+                labels += t if is_label else [IGNORE_INDEX] * len(t)
         types = [0] * len(ids)
         exp_ids, exp_labels, exp_types = [], [], []
         seen = {"image": 0, "audio": 0}

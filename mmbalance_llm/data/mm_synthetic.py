@@ -76,6 +76,7 @@ def vocabulary_corpus() -> list[str]:
         for a in answers:
             for x in NUMBERS[1:4]:
                 lines.append(q.format(a=x, b=x) + SUFFIX + " " + a)
+            lines.append("assistant\n" + a)  # answers also start a line (Qwen templates): no leading space
     return lines * 5
 
 

@@ -62,7 +62,7 @@ def _corpus() -> list[str]:
     return vocabulary_corpus()
 
 
-def train_tokenizer(family: str, vocab_size: int = 400):
+def train_tokenizer(family: str, vocab_size: int = 1000):
     """Byte-level BPE trained on the synthetic corpus + chat-template words, wrapped as a fast HF tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

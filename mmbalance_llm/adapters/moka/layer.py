@@ -79,7 +79,7 @@ class MokaLinear(LoraLinear):
             if mid not in cross:  # no tokens of this modality in the batch
                 continue
             own.add(mid)
-            is_m = (mod_ids == mid).unsqueeze(-1).to(h_text.dtype)
+            is_m = ctx.row_mask(mid, h_text.dtype)
             # x * mask as in the paper: A_m only ever sees (and gets gradient from) its own modality's tokens
             h_m = getattr(self, f"lora_moka_A_{m}")[adapter](xd * is_m)
             if w:

@@ -3,7 +3,7 @@
 HF decoders call ``q_proj(h)`` with no extra arguments, so the masks travel through a :class:`MokaMaskContext`
 shared by all MokA layers of one model. A forward pre-hook on the wrapped HF model (the module peft's tuner
 calls, and the one ``generate`` calls at every step) reads the batch (``input_ids`` / ``mm_token_type_ids`` /
-``labels`` / ``attention_mask`` / ``past_key_values``) and fills the context before any layer runs.
+``labels`` / ``attention_mask`` / ``past_key_values`` or ``cache``) and fills the context before any layer runs.
 
 * The context keeps the masks until the next forward, so gradient checkpointing (which re-runs layers during
   backward) sees the same masks.
@@ -86,11 +86,14 @@ class MokaMaskContext:
         self.mod_ids: torch.Tensor | None = None
         self.decode = False
         self._cross: dict[int, CrossIndex] = {}
+        self._rows: dict = {}
 
     def update(self, batch: dict) -> None:
         """Compute the masks for a forward call's keyword arguments."""
         self.clear()
         pkv = batch.get("past_key_values")
+        if pkv is None:
+            pkv = batch.get("cache")  # transformers 5.2x passes the KV cache as `cache`
         if pkv is not None and hasattr(pkv, "get_seq_length") and int(pkv.get_seq_length()) > 0:
             self.decode = True  # cached decoding: new tokens are text
             return
@@ -99,7 +102,7 @@ class MokaMaskContext:
         mod_ids = token_modality_ids(batch, self.model_config)
         self.mod_ids = mod_ids
         am = batch.get("attention_mask")
-        am = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+        am = am if isinstance(am, torch.Tensor) and am.shape == mod_ids.shape else None
         labels = batch.get("labels")
         labels = labels if isinstance(labels, torch.Tensor) and labels.shape == mod_ids.shape else None
         qm = question_mask(mod_ids, labels, am, self.question_after_media)
@@ -119,8 +122,17 @@ class MokaMaskContext:
             return None, {}
         if self.mod_ids.device != x.device:  # model split over devices
             self.mod_ids = self.mod_ids.to(x.device)
+            self._rows = {}
             self._cross = {k: CrossIndex(*(t.to(x.device) for t in vars(v).values())) for k, v in self._cross.items()}
         return self.mod_ids, self._cross
+
+
+    def row_mask(self, mid: int, dtype: torch.dtype) -> torch.Tensor:
+        """[B,T,1] 0/1 mask of modality ``mid`` in ``dtype``, computed once per forward and shared by all layers."""
+        key = (mid, dtype)
+        if key not in self._rows:
+            self._rows[key] = (self.mod_ids == mid).unsqueeze(-1).to(dtype)
+        return self._rows[key]
 
 
 def cross_attend(h_media: torch.Tensor, h_text: torch.Tensor, ci: CrossIndex, rank: int) -> torch.Tensor:
