@@ -1,6 +1,7 @@
 """Attribution: ground truth on classifiers, Shapley efficiency, MM-SHAP convergence, tiny MLLMs end to end."""
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -247,3 +248,44 @@ def test_mllm_explicit_answer_target(mllm_batches):
         res = attribute(model, prompt_only, "grad_x_input", target=answer)
     assert "given answer" in res.target
     assert (res.token_modality >= 0).sum() == keep.logical_and(batch["attention_mask"].bool()).sum()
+
+
+def test_attribute_cli_writes_json_html_and_pngs_for_an_mllm(tmp_path):
+    from mmbalance_llm.attribution.cli import attribute_main
+    from mmbalance_llm.data.mm_synthetic import write_instruction_set
+    from mmbalance_llm.models.tiny import build_tiny
+
+    model_dir = build_tiny("llava", tmp_path / "llava")
+    data = write_instruction_set(tmp_path / "data", ("image",), n_train=1, n_validation=1, n_test=3)["test"]
+    out = tmp_path / "rep"
+    assert attribute_main(["--model", str(model_dir), "--data", str(data), "--out", str(out), "--limit", "3",
+                           "--batch-size", "2", "--steps", "4", "--n-groups", "2", "--n-permutations", "2"]) == 0
+    doc = json.loads((out / "attribution.json").read_text())
+    assert set(doc["methods"]) == set(METHOD_NAMES) and doc["n_samples"] == 3
+    assert len(doc["attention_per_layer"]["image"]) == 2  # one value per decoder layer
+    s = doc["samples"][0]
+    assert len(s["tokens"]) == len(s["token_modality"]) == len(s["scores"]["grad_x_input"])
+    assert s["token_modality"].count(1) == 16  # the image span
+    html = (out / "report.html").read_text()
+    assert "Dataset summary" in html and "data:image/png;base64," in html and "image ×16" in html
+    assert all((out / f).stat().st_size > 1000 for f in ("modality_shares.png", "attention_layers.png",
+                                                         "token_heatmap.png"))
+
+
+def test_attribute_cli_on_a_saved_classifier_skips_attention_with_the_reason(tmp_path, tiny_data, capsys):
+    from mmbalance_llm.attribution.cli import attribute_main
+    from mmbalance_llm.models.classifier import MultimodalClassifier, MultimodalClassifierConfig
+
+    data = tiny_data("av_imbalance")
+    MultimodalClassifier(MultimodalClassifierConfig(modalities=["audio", "visual"],
+                                                    input_shapes={"audio": [32], "visual": [32]}, num_classes=8,
+                                                    feature_dim=8, hidden_dim=16, num_layers=1)
+                         ).save_pretrained(tmp_path / "clf")
+    out = tmp_path / "rep"
+    assert attribute_main(["--model", str(tmp_path / "clf"), "--data", data, "--out", str(out), "--limit", "6",
+                           "--target", "label", "--n-permutations", "2"]) == 0
+    doc = json.loads((out / "attribution.json").read_text())
+    assert "attention" in doc["skipped"] and "attention" not in doc["methods"]
+    assert doc["modalities"] == ["audio", "visual"] and doc["samples"][0]["tokens"] == ["audio", "visual"]
+    assert "skipped attention" in capsys.readouterr().out
+    assert attribute_main(["--model", str(tmp_path / "clf"), "--data", data, "--methods", "lime"]) == 2
