@@ -1,10 +1,11 @@
 """Balance quality and cost of every registered method on the synthetic presets.
 
 For each preset, seed and method (plus every modality trained alone), one `mmbalance train` run in its
-own process, so that peak memory (the child's max RSS, from os.wait4) belongs to that run alone.
-Step time is the trainer's mean optimizer-step time (evaluation excluded). Ratios compare each method
-with the `none` baseline of the same preset and seed, measured in this same invocation, with the
-methods of one seed run back to back. Writes benchmarks/results/balance_<preset>.{json,md} and, with
+own single-threaded process, so that peak memory (the child's max RSS, from os.wait4) belongs to that
+run alone. Training time is the time spent in the epochs' training work, the method's own epoch hooks
+included (prototypes, re-initialisation, valuation, extra passes) and validation excluded. Ratios compare
+each method with the `none` baseline of the same preset and seed, measured in this same invocation;
+`--jobs 2` runs two processes side by side (every run then shares the machine alike). Writes benchmarks/results/balance_<preset>.{json,md} and, with
 --readme, replaces the table between the README's markers.
 
     python benchmarks/balance_synthetic.py --presets av_imbalance --seeds 0,1,2 --readme
@@ -12,6 +13,7 @@ methods of one seed run back to back. Writes benchmarks/results/balance_<preset>
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import re
@@ -61,18 +63,21 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "bench"))
     p.add_argument("--readme", action="store_true", help="write the table into README.md between markers")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side (each single-threaded)")
+    p.add_argument("--skip-existing", action="store_true", help="reuse runs whose final_metrics.json exists")
     p.add_argument("--extra", nargs="*", default=[], help="overrides for every run")
     args = p.parse_args(argv)
 
     methods = available_methods() if args.methods == "all" else args.methods.split(",")
     methods = ["none"] + [m for m in methods if m != "none"]
     seeds = [int(s) for s in args.seeds.split(",")]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1", PYTHONPATH=ROOT,
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     os.makedirs(RESULTS, exist_ok=True)
     for preset in args.presets.split(","):
         data = ensure_preset(os.path.join(args.work_dir, "data", preset), preset=preset)
         modalities = [m.name for m in preset_spec(preset).modalities]
-        runs = {}
+        jobs = []
         for seed in seeds:
             for name in methods + [f"alone-{m}" for m in modalities]:
                 out = os.path.join(args.work_dir, preset, f"{name}-seed{seed}")
@@ -85,17 +90,30 @@ def main(argv=None) -> int:
                              f"balance.method={method}", *args.extra]
                 if name.startswith("alone-"):
                     overrides.append(f"data.modalities=[{name[len('alone-'):]}]")
+                jobs.append((name, seed, out, recipe, overrides))
+
+        def execute(job):
+            name, seed, out, recipe, overrides = job
+            done = os.path.join(out, "final_metrics.json")
+            if args.skip_existing and os.path.isfile(done) and os.path.isfile(os.path.join(out, "rss.json")):
+                res = {"returncode": 0, **json.load(open(os.path.join(out, "rss.json")))}
+            else:
                 res = run_tracked(recipe, overrides, env)
-                if res["returncode"] != 0:
-                    print(f"[bench] {preset} {name} seed {seed} FAILED: {res['stderr'][-400:]}", flush=True)
-                    runs.setdefault(name, []).append({"error": res["stderr"][-400:]})
-                    continue
-                final = json.load(open(os.path.join(out, "final_metrics.json")))
-                timing = json.load(open(os.path.join(out, "timing.json")))
-                runs.setdefault(name, []).append({"seed": seed, "test": final["test"], "timing": timing,
-                                                  "maxrss_mb": res["maxrss_mb"]})
-                print(f"[bench] {preset} {name} seed {seed}: acc {final['test']['accuracy']:.3f} "
-                      f"step {timing['mean_step_seconds'] * 1e3:.2f} ms rss {res['maxrss_mb']:.0f} MB", flush=True)
+                if res["returncode"] == 0:
+                    json.dump({"maxrss_mb": res["maxrss_mb"]}, open(os.path.join(out, "rss.json"), "w"))
+            if res["returncode"] != 0:
+                print(f"[bench] {preset} {name} seed {seed} FAILED: {res['stderr'][-400:]}", flush=True)
+                return name, {"seed": seed, "error": res["stderr"][-400:]}
+            final = json.load(open(done))
+            timing = json.load(open(os.path.join(out, "timing.json")))
+            print(f"[bench] {preset} {name} seed {seed}: acc {final['test']['accuracy']:.3f} "
+                  f"train {timing['train_seconds']:.1f} s rss {res['maxrss_mb']:.0f} MB", flush=True)
+            return name, {"seed": seed, "test": final["test"], "timing": timing, "maxrss_mb": res["maxrss_mb"]}
+
+        runs = {}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for name, result in pool.map(execute, jobs):
+                runs.setdefault(name, []).append(result)
         write_tables(preset, modalities, methods, seeds, runs, args)
     return 0
 
@@ -111,7 +129,7 @@ def write_tables(preset, modalities, methods, seeds, runs, args):
                 for m in modalities if alone[m][0] is not None}
         weak = max(gaps, key=gaps.get) if gaps else None
     head = ["method", "fused acc", "macro-F1"] + [f"{m} unimodal acc" for m in modalities] + [
-        "imbalance", "step time ×", "peak RSS ×"]
+        "imbalance", "train time ×", "peak RSS ×"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     summary = {}
     for name in methods:
@@ -121,13 +139,13 @@ def write_tables(preset, modalities, methods, seeds, runs, args):
             continue
         row = {k: mean_std([r["test"].get(k) for r in ok]) for k in ("accuracy", "macro_f1", "imbalance")}
         row["unimodal"] = {m: mean_std([r["test"]["unimodal_accuracy"][m] for r in ok]) for m in modalities}
-        row["step_ratio"] = mean_std([r["timing"]["mean_step_seconds"] / base[r["seed"]]["timing"]["mean_step_seconds"]
+        row["time_ratio"] = mean_std([r["timing"]["train_seconds"] / base[r["seed"]]["timing"]["train_seconds"]
                                       for r in ok if r["seed"] in base])
         row["rss_ratio"] = mean_std([r["maxrss_mb"] / base[r["seed"]]["maxrss_mb"] for r in ok if r["seed"] in base])
         summary[name] = row
         cells = [name, fmt(row["accuracy"]), fmt(row["macro_f1"])]
         cells += [("**" + fmt(row["unimodal"][m]) + "**") if m == weak else fmt(row["unimodal"][m]) for m in modalities]
-        cells += [fmt(row["imbalance"], 1, 3), fmt(row["step_ratio"], 1, 2), fmt(row["rss_ratio"], 1, 2)]
+        cells += [fmt(row["imbalance"], 1, 3), fmt(row["time_ratio"], 1, 2), fmt(row["rss_ratio"], 1, 2)]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("| each modality trained alone | - | - | " + " | ".join(fmt(alone[m]) for m in modalities)
                  + " | - | - | - |")
