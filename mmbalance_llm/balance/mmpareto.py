@@ -6,11 +6,13 @@ Stage: objective (loss-level multitask learning with gradient integration).
 Losses: L_mm = CE(z) on the fused logits and, for every modality, L_m = CE(z_m) on its split-head logits.
 For encoder m, with g_mm = dL_mm/dtheta_m and g_m = dL_m/dtheta_m (computed separately):
 - cos(g_mm, g_m) > 0: weights (1/2, 1/2); otherwise the min-norm (MGDA) weights of the two;
-- new = 2 (w_mm g_mm + w_m g_m), per parameter tensor rescaled up to the norm of the summed-loss gradient
-  g_mm + g_m when it is smaller, then multiplied by gamma (1.5).
+- new = 2 (w_mm g_mm + w_m g_m), rescaled up to the norm of the summed-loss gradient g_mm + g_m when it is
+  smaller, then multiplied by gamma (1.5). The rescale is one factor per encoder (`rescale: encoder`), so
+  the integrated gradient keeps the min-norm direction, which has a non-negative inner product with both
+  g_mm and g_m (the paper's "innocent" unimodal assistance).
 The fusion head gets the plain gradient of L_mm + sum_m L_m.
 
-Defaults: gamma = 1.5 (paper and reference toolkit), `gradient_space: parameter`.
+Defaults: gamma = 1.5 (paper and reference toolkit), `gradient_space: parameter`, `rescale: encoder`.
 
 How the per-loss gradients are obtained (cost; the original does three full backward passes):
 the encoders are disjoint, so one vector-Jacobian product of L_mm w.r.t. every feature h_m gives all
@@ -18,15 +20,14 @@ multimodal cotangents c_mm^m at once and one of sum_m L_m gives every c_m (both 
 passes, cheap). Then
 - `gradient_space: parameter` (exact, default): two encoder backward passes (torch.autograd.grad of the
   features w.r.t. the encoder parameters with the two cotangents) give g_mm and g_m for every M; the cosine
-  test, the MGDA weights and the per-tensor rescale are computed on these parameter gradients exactly as
-  in the paper. The combined gradient enters p.grad through a zero-valued linear surrogate term, so the
+  test, the MGDA weights and the rescale are computed on these parameter gradients exactly as in the
+  paper. The combined gradient enters p.grad through a zero-valued linear surrogate term, so the
   trainer's single `accelerator.backward` still runs (DDP all-reduces it) and only walks the head.
   Measured about 1.45-1.6x the baseline step (docs/objective.md).
 - `gradient_space: feature` (approximate, cheaper, ~1.1x): the cosine test, the MGDA weights and the
   rescale are computed on the cotangents c_mm^m, c_m (the gradients w.r.t. h_m of the whole batch), and
   the combined cotangent is pushed through the encoder with one backward. This equals the paper's rule
-  only when J_m^T J_m is proportional to the identity on the cotangent span; the rescale is per modality,
-  not per tensor. docs/objective.md reports how often its conflict decision agrees with the exact one.
+  only when J_m J_m^T is proportional to the identity on the cotangent span (the rescale is per encoder). docs/objective.md reports how often its conflict decision agrees with the exact one.
 
 Distributed: in parameter mode the flat g_mm, g_m are averaged over processes before the rule, so every
 rank applies the same combined gradient (that of the global batch); in feature mode the per-modality Gram
@@ -35,6 +36,9 @@ entries are summed over processes (inner products over a batch split across rank
 M > 2: supported; the rule acts per modality on its (g_mm, g_m) pair, as in the paper.
 
 Differences from the reference toolkit (BalanceBenchmark), on purpose, following the paper:
+- the original code rescales each parameter tensor by its own factor; that changes the direction of the
+  encoder's update and can make it conflict with g_mm or g_m again (the tests construct such a case), so
+  the default rescales the whole encoder gradient by one factor; `rescale: tensor` reproduces the code;
 - the per-loss gradients are computed separately (BB accumulates them without zeroing, so cos = 1 always
   and the conflict branch never fires; its min-norm branch also writes to the wrong variable);
 - unimodal logits come from the split fused head (as BB); the original repository trains extra unimodal
@@ -59,19 +63,21 @@ class MMParetoConfig(BalancerConfig):
     gamma: float = hp(1.5, "Scale applied to the integrated encoder gradient (paper: 1.5).")
     gradient_space: str = hp("parameter", "'parameter' (exact per-loss encoder gradients, two encoder backward "
                                           "passes) or 'feature' (cosine/MGDA on the feature cotangents, one pass).")
+    rescale: str = hp("encoder", "Norm rescale of the integrated gradient: 'encoder' (whole encoder, keeps the "
+                                 "Pareto direction, as the paper) or 'tensor' (per parameter tensor, as the original code).")
 
 
-def integrate(g_mm: list, g_u: list, gamma: float) -> tuple[list, bool, tuple]:
+def integrate(g_mm: list, g_u: list, gamma: float, per_tensor: bool = False) -> tuple[list, bool, tuple]:
     """The paper's per-encoder rule on parameter gradients (lists of tensors of one encoder)."""
     a, b = flatten(g_mm).double(), flatten(g_u).double()
     gram = torch.tensor([[a @ a, a @ b], [a @ b, b @ b]])
     w_mm, w_u, conflict = pareto_weights(gram)
-    out = []
-    for gm, gu in zip(g_mm, g_u):
-        new = 2 * (w_mm * gm + w_u * gu)
-        new_norm, total_norm = new.norm(), (gm + gu).norm()
-        scale = total_norm / new_norm if new_norm > 0 and total_norm > new_norm else 1.0
-        out.append(gamma * scale * new)
+    new = [2 * (w_mm * gm + w_u * gu) for gm, gu in zip(g_mm, g_u)]
+    if per_tensor:
+        pairs = [(n.norm(), (gm + gu).norm()) for n, gm, gu in zip(new, g_mm, g_u)]
+    else:
+        pairs = [(flatten(new).norm(), (a + b).norm())] * len(new)
+    out = [gamma * (total / norm if norm > 0 and total > norm else 1.0) * n for n, (norm, total) in zip(new, pairs)]
     return out, conflict, (w_mm, w_u)
 
 
@@ -87,6 +93,10 @@ class MMPareto(Balancer):
         super().__init__(config)
         if self.config.gradient_space not in ("parameter", "feature"):
             raise ValueError(f"balance.gradient_space must be 'parameter' or 'feature', got {self.config.gradient_space!r}")
+        if self.config.rescale not in ("encoder", "tensor"):
+            raise ValueError(f"balance.rescale must be 'encoder' or 'tensor', got {self.config.rescale!r}")
+        if self.config.rescale == "tensor" and self.config.gradient_space == "feature":
+            raise ValueError("balance.rescale 'tensor' needs balance.gradient_space 'parameter'")
 
     def setup(self, ctx, model):
         super().setup(ctx, model)
@@ -127,7 +137,8 @@ class MMPareto(Balancer):
         combined, start = [], 0
         for m in mods:
             k = len(self._params[m])
-            new, conflict, w = integrate(g_mm[start:start + k], g_u[start:start + k], self.config.gamma)
+            new, conflict, w = integrate(g_mm[start:start + k], g_u[start:start + k], self.config.gamma,
+                                         per_tensor=self.config.rescale == "tensor")
             combined += new
             start += k
             logs[f"pareto_conflict_{m}"] = float(conflict)
