@@ -20,6 +20,15 @@ from mmbalance_llm.models.classifier import MultimodalClassifier, MultimodalClas
 FAST = {"shapley": False}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one intra-op thread avoids OpenMP spin contention on a shared, loaded CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # -- helpers ---------------------------------------------------------------------------------------
 class _OneProcess:
     """The slice of an Accelerator the balancers use, for one process (no global Accelerate state)."""
