@@ -1,11 +1,15 @@
 """Shared machinery of the valuation methods (Wei et al., CVPR 2024): per-sample modality Shapley
 values and the re-sampling loader that adds single-modality copies of training samples.
 
-Utility of a coalition S for sample i: v_i(S) = |S| * 1[the fused prediction with only the inputs of S
-kept (the others zeroed) is correct], v_i(empty) = 0. The |S| factor generalises the original code's
-choice for M = 2 (v(full) = 2 when correct, v(single) = 1), under which a modality that is right alone
-and needed together scores phi = 1; the re-sampling thresholds are on that scale. Inputs are zeroed
-(not features), the same operation as the re-sampled copies and the evaluator's Shapley metric.
+Utility of a coalition S for sample i: v_i(S) = 1[the fused prediction with only the inputs of S kept
+(the others zeroed) is correct], v_i(empty) measured with every input zeroed (as the evaluator's Shapley
+metric, METHODS.md section 2), so a modality that never changes the outcome gets phi = 0 and
+sum_m phi_m = v_i(full) - v_i(empty). The original code assumes v(empty) = 0, which credits a signal-free
+modality whenever the blank-input prediction happens to be right, and scores v(full) = 2 when correct
+(M = 2), which adds v(full) / M to every modality's value; its re-sampling thresholds are on that scale,
+so they are applied to the *score* phi_m + v_i(full) / M (`resampling_score`), which equals the
+original contribution for M = 2 whenever the blank prediction is wrong. Inputs are zeroed (not features), the same operation as the
+re-sampled copies and the evaluator's Shapley metric.
 """
 from __future__ import annotations
 
@@ -20,14 +24,14 @@ from mmbalance_llm.data.features import collate
 
 
 def _coalitions(mods):
-    return [frozenset(c) for r in range(1, len(mods) + 1) for c in itertools.combinations(mods, r)]
+    """Every coalition, the empty one included."""
+    return [frozenset(c) for r in range(len(mods) + 1) for c in itertools.combinations(mods, r)]
 
 
 def shapley_from_correct(correct: dict, mods) -> torch.Tensor:
-    """phi [N, M] from correct[S] = bool [N] for every non-empty coalition S (v(S) = |S| * correct)."""
+    """phi [N, M] from correct[S] = bool [N] for every coalition S, the empty one included (v(S) = correct)."""
     n = len(mods)
-    value = {frozenset(): None}
-    value.update({s: correct[s].float() * len(s) for s in correct})
+    value = {s: correct[s].float() for s in correct}
     cols = []
     for m in mods:
         others = [k for k in mods if k != m]
@@ -36,25 +40,26 @@ def shapley_from_correct(correct: dict, mods) -> torch.Tensor:
             w = math.factorial(r) * math.factorial(n - r - 1) / math.factorial(n)
             for s in itertools.combinations(others, r):
                 s = frozenset(s)
-                without = value[s] if s else 0.0
-                total = total + w * (value[s | {m}] - without)
+                total = total + w * (value[s | {m}] - value[s])
         cols.append(total)
     return torch.stack(cols, dim=1)
 
 
 @torch.no_grad()
 def sample_shapley(model, loader, accelerator, modalities, num_samples: int):
-    """Per-sample Shapley values phi [num_samples, M] of the training set (NaN rows for samples the
-    loader does not cover), gathered so that every rank holds the same table.
+    """Per-sample Shapley values phi [num_samples, M] of the training set and the full-input correctness
+    [num_samples] (NaN rows for samples the loader does not cover), gathered so that every rank holds the
+    same tables.
 
     The encoders run once on the real inputs and once on zeros; every coalition then only re-runs the
-    fusion head (2^M - 1 head passes), which equals zeroing the inputs for per-sample encoders."""
+    fusion head (2^M head passes), which equals zeroing the inputs for per-sample encoders."""
     net = accelerator.unwrap_model(model)
     was_training = net.training
     net.eval()
     mods = list(modalities)
     coalitions = _coalitions(mods)
     phi = torch.full((num_samples, len(mods)), float("nan"))
+    full = torch.full((num_samples,), float("nan"))
     for batch in loader:
         inputs = {m: batch[m] for m in mods}
         labels = batch["labels"]
@@ -66,11 +71,19 @@ def sample_shapley(model, loader, accelerator, modalities, num_samples: int):
             logits = {s: net(**{m: (x if m in s else torch.zeros_like(x)) for m, x in inputs.items()}).logits
                       for s in coalitions}
         correct = {s: z.argmax(-1) == labels for s, z in logits.items()}
-        chunk = {"index": batch["index"], "phi": shapley_from_correct(correct, mods)}
+        chunk = {"index": batch["index"], "phi": shapley_from_correct(correct, mods),
+                 "full": correct[frozenset(mods)].float()}
         chunk = accelerator.gather_for_metrics(chunk)
-        phi[chunk["index"].long().cpu()] = chunk["phi"].float().cpu()
+        idx = chunk["index"].long().cpu()
+        phi[idx] = chunk["phi"].float().cpu()
+        full[idx] = chunk["full"].float().cpu()
     net.train(was_training)
-    return phi
+    return phi, full
+
+
+def resampling_score(phi: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """phi_m + v(full) / M: the original code's contribution scale (exact for M = 2)."""
+    return phi + full[:, None] / phi.shape[1]
 
 
 def subset_loader(dataset, indices, batch_size: int, num_workers: int = 0):

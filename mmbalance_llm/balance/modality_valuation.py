@@ -29,7 +29,7 @@ import torch
 
 from mmbalance_llm.balance import register
 from mmbalance_llm.balance._valuation import (copies_from_tensor, copies_to_tensor, resample_loader,
-                                              sample_shapley, subset_loader)
+                                              resampling_score, sample_shapley, subset_loader)
 from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 
 
@@ -41,7 +41,7 @@ class ModalityValuationConfig(BalancerConfig):
 
 
 def modality_copies(phi_mean: torch.Tensor, modalities, num_samples: int, alpha: float, gen: torch.Generator):
-    """(copies, discrepancy) from the mean Shapley values phi_m over Z."""
+    """(copies, discrepancy) from the mean contribution scores c_m over Z (gap_m = 1 - c_m)."""
     gap = 1.0 - phi_mean
     spread = float(gap.max() - gap.min())
     discrepancy = (2.0 / 3.0) * alpha * spread
@@ -84,8 +84,8 @@ class ModalityValuation(Balancer):
         loader = ctx.accelerator.prepare_data_loader(
             subset_loader(data, part, ctx.recipe.train.eval_batch_size, ctx.recipe.data.num_workers))
         # Subset items carry their original index, so the table is indexed by training-set position.
-        phi = sample_shapley(model, loader, ctx.accelerator, ctx.modalities, n)
-        phi_mean = torch.nanmean(phi[part], dim=0)
+        phi, full = sample_shapley(model, loader, ctx.accelerator, ctx.modalities, n)
+        phi_mean = torch.nanmean(resampling_score(phi, full)[part], dim=0)
         self.copies, disc = modality_copies(phi_mean, ctx.modalities, n, c.alpha, gen)
         stats = {f"phi_{m}": float(v) for m, v in zip(ctx.modalities, phi_mean)}
         stats.update(discrepancy=disc, resampled=len(self.copies))
