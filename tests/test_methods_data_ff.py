@@ -260,33 +260,38 @@ def test_zero_strength_is_bit_identical_to_none(tiny_data, run_tiny):
         assert all(torch.equal(w[k], ref[k]) for k in ref), method
 
 
-E2E = {
-    "sample_valuation": {"warmup_epochs": 1},
-    "modality_valuation": {"warmup_epochs": 1, "part_ratio": 0.5},
+E2E = {  # valuation from epoch 0 (so a 1-epoch run re-samples); 1-copy thresholds keep the run short
+    "sample_valuation": {"warmup_epochs": 0, "high": 0.45, "low1": -0.2, "low2": -0.6},
+    "modality_valuation": {"warmup_epochs": 0, "part_ratio": 0.5},
     "opm": {},
     "mla": {},
     "amco": {},
     "greedy": {},
 }
+TRAIN_LOG_KEY = {"opm": "opm_q_", "amco": "amco_mask_ratio", "greedy": "greedy_rebalancing", "mla": "loss_"}
 
 
-@pytest.mark.parametrize("preset", ["av_imbalance", "tri_modal"])
+@pytest.mark.parametrize("preset", ["av_imbalance", pytest.param("tri_modal", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("method", SIX)
 def test_end_to_end(tiny_data, run_tiny, method, preset):
     from transformers import AutoModel
 
-    trainer, final = run_tiny(tiny_data(preset), method, balance=E2E[method])
+    trainer, final = run_tiny(tiny_data(preset), method, balance=E2E[method],
+                               train={"epochs": 1, "log_every_steps": 1})
     test = final["test"]
-    num_classes = trainer.data.num_classes
-    assert final["method"] == method and test["accuracy"] > 1.5 / num_classes
-    assert set(test["shapley"]) == set(trainer.data.modalities)
+    mods = trainer.data.modalities
+    assert final["method"] == method and 0 < test["accuracy"] <= 1
+    assert set(test["shapley"]) == set(mods) and set(test["unimodal_accuracy"]) == set(mods)
     out = trainer.recipe.output_dir
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     if method.endswith("valuation"):
-        rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
         val = [r for r in rows if r.get("split") == "valuation"]
         assert val and val[-1]["resampled"] > 0
         steps = [r["step"] for r in rows if r.get("split") == "validation"]
-        assert steps[1] - steps[0] > steps[0], "the re-sampled epoch must be longer"
+        assert steps[0] > trainer.steps_per_epoch, "the re-sampled epoch must be longer"
+    else:
+        prefix = TRAIN_LOG_KEY[method]
+        assert any(k.startswith(prefix) for r in rows if r.get("split") == "train" for k in r)
     if method in ("mla", "greedy"):
         loaded = AutoModel.from_pretrained(os.path.join(out, "best"))
         net = trainer.accelerator.unwrap_model(trainer.model)
