@@ -300,3 +300,7 @@ def test_end_to_end(tiny_data, run_tiny, method, preset):
         net.eval(), loaded.eval()
         with torch.no_grad():
             assert torch.allclose(loaded(**batch).logits, net(**batch).logits, atol=1e-5)
+        from mmbalance_llm.eval.saved import evaluate_saved
+
+        again = evaluate_saved(os.path.join(out, "best"), tiny_data(preset))
+        assert again["accuracy"] == pytest.approx(test["accuracy"])
