@@ -289,3 +289,31 @@ def test_attribute_cli_on_a_saved_classifier_skips_attention_with_the_reason(tmp
     assert doc["modalities"] == ["audio", "visual"] and doc["samples"][0]["tokens"] == ["audio", "visual"]
     assert "skipped attention" in capsys.readouterr().out
     assert attribute_main(["--model", str(tmp_path / "clf"), "--data", data, "--methods", "lime"]) == 2
+
+
+def test_mllm_with_moka_adapter_rescores_re_indexed_rows_with_the_right_masks(mllm_batches):
+    import peft
+
+    from mmbalance_llm import MokaConfig
+    from mmbalance_llm.attribution.hf import answer_logprob
+    from mmbalance_llm.models.modality_map import get_modality_map
+
+    base, batch, _ = mllm_batches["llava"]
+    import copy
+
+    pm = peft.get_peft_model(copy.deepcopy(base), MokaConfig(r=4, lora_alpha=8,
+                                                             target_modules=get_modality_map(base).target_modules_regex()))
+    pm.eval()
+    torch.manual_seed(0)
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:  # B = 0 at init would make MokA an identity
+            nn.init.normal_(p, std=0.5)
+    with frozen(pm):
+        ad = make_adapter(pm, batch)
+        with torch.no_grad():
+            full = answer_logprob(pm, batch)[0]
+            idx = torch.tensor([1, 0, 1])  # N != B rows: the modality masks must follow the rows
+            rows = ad.score({"embeds": ad.E[idx]}, idx)[0]
+    assert torch.allclose(rows, full[idx], atol=1e-4)
+    res = attribute(pm, batch, "shapley_tokens", n_groups=2, n_permutations=2)
+    assert torch.isfinite(res.scores).all()

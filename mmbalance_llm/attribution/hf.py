@@ -40,9 +40,9 @@ def _decoder(model):
 
 
 def answer_logprob(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of answer-token log-probs [B], argmax token at the first answer position [B]) from a full forward."""
-    fwd = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**fwd).logits
+    """(sum of answer-token log-probs [B], argmax token at the first answer position [B]) from a full forward.
+    Labels go into the forward too: adapters with modality masks (MokA) use them to find the question."""
+    logits = model(**batch).logits
     return _gather_logprob(logits, batch["labels"])
 
 
@@ -113,7 +113,7 @@ class HFAdapter:
         h = self.lm.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             with torch.no_grad():
-                self.model(**{k: v for k, v in batch.items() if k != "labels"})
+                self.model(**batch)
         finally:
             h.remove()
         E = cap.pop("inputs_embeds")
@@ -133,8 +133,18 @@ class HFAdapter:
             out[k] = v
         return out
 
+    def _sync_mask_context(self, idx):
+        """MokA-style adapters keep per-forward modality masks set by a pre-hook on the top model; a direct
+        decoder call on re-indexed rows must refresh them, or the layers would treat every token as text."""
+        ctx = getattr(getattr(self.model, "base_model", None), "mask_context", None)
+        if ctx is None:
+            return
+        keys = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
+        ctx.update({k: (self.batch[k] if idx is None else self.batch[k][idx]) for k in keys if k in self.batch})
+
     def _decode_score(self, E, idx):
         labels = self.batch["labels"] if idx is None else self.batch["labels"][idx]
+        self._sync_mask_context(idx)
         h = self.lm(inputs_embeds=E, use_cache=False, **self._kw(idx)).last_hidden_state
         lab = labels[:, 1:]
         mask = lab != IGNORE
@@ -219,7 +229,7 @@ class HFAdapter:
                     raise ValueError("attention attribution needs attn_implementation='eager'")
                 base.set_attn_implementation("eager")
             with torch.no_grad():
-                out = self.model(**{k: v for k, v in self.batch.items() if k != "labels"}, output_attentions=True)
+                out = self.model(**self.batch, output_attentions=True)
         finally:
             if prev not in (None, "eager"):
                 base.set_attn_implementation(prev)
