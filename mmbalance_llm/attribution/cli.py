@@ -109,14 +109,15 @@ def attribute_main(argv: list[str]) -> int:
     if not Path(a.model).is_dir():
         print(f"error: --model {a.model}: folder not found", file=sys.stderr)
         return 2
+    adapter_dir = (Path(a.model) / "adapter_config.json").is_file()
     cfg = AutoConfig.from_pretrained(a.model) if (Path(a.model) / "config.json").is_file() else None
     opts = {"steps": a.steps, "baseline": a.baseline, "n_groups": a.n_groups, "n_permutations": a.n_permutations}
     from mmbalance_llm.models.modality_map import supported_model_types
 
-    if cfg is not None and cfg.model_type in supported_model_types():
-        from mmbalance_llm.models.tiny import load_tiny
+    if adapter_dir or (cfg is not None and cfg.model_type in supported_model_types()):
+        from mmbalance_llm.eval.reliance import load_mllm
 
-        model, proc = load_tiny(a.model)
+        model, proc = load_mllm(a.model)
         source = ((b, ids, ans, tok) for b, ids, ans, tok in _hf_batches(model, proc, a.data, a.limit, a.batch_size,
                                                                           a.media_dir))
     else:

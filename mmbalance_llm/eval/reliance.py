@@ -154,18 +154,35 @@ class TextLMScorer:
         return out
 
 
+def load_mllm(path: str):
+    """(model, processor) from an MLLM folder, or from a peft adapter folder (LoRA / MokA) whose
+    ``adapter_config.json`` names the base model folder (the processor is read from the base)."""
+    import mmbalance_llm  # noqa: F401  (registers MokA with peft)
+    from mmbalance_llm.models.tiny import load_tiny
+
+    ac = Path(path) / "adapter_config.json"
+    if not ac.is_file():
+        return load_tiny(path)
+    from peft import PeftModel
+
+    base_path = json.loads(ac.read_text()).get("base_model_name_or_path")
+    if not base_path or not Path(base_path).is_dir():
+        raise ValueError(f"{ac}: base_model_name_or_path {base_path!r} is not a local model folder")
+    base, proc = load_tiny(base_path)
+    return PeftModel.from_pretrained(base, path).eval(), proc
+
+
 def load_scorer(path: str, batch_size: int = 16):
-    """An MLLM folder (any family with a modality map) or a plain causal LM folder."""
+    """An MLLM folder (any family with a modality map, or an adapter on one) or a plain causal LM folder."""
     from transformers import AutoConfig
 
     from mmbalance_llm.models.modality_map import supported_model_types
 
+    if (Path(path) / "adapter_config.json").is_file():
+        return MLLMScorer(*load_mllm(path), batch_size=batch_size)
     cfg = AutoConfig.from_pretrained(path)
     if cfg.model_type in supported_model_types():
-        from mmbalance_llm.models.tiny import load_tiny
-
-        model, proc = load_tiny(path)
-        return MLLMScorer(model, proc, batch_size)
+        return MLLMScorer(*load_mllm(path), batch_size=batch_size)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return TextLMScorer(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path))

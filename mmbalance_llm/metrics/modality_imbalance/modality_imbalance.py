@@ -33,7 +33,7 @@ class ModalityImbalance(evaluate.Metric):
         mean = {k: float(s[m == k].mean()) for k in names}
         vals = np.array([mean[k] for k in names])
         tot = np.abs(vals).sum()
-        share = {k: (abs(mean[k]) / tot if tot > 0 else 1.0 / len(names)) for k in names}
+        share = {k: float(abs(mean[k]) / tot) if tot > 0 else 1.0 / len(names) for k in names}
         n = len(vals)
         pair = sum(abs(vals[i] - vals[j]) for i in range(n) for j in range(i + 1, n))
         imb = float(pair / ((n - 1) * tot)) if n > 1 and tot > 0 else 0.0
