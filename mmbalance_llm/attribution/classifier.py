@@ -95,7 +95,7 @@ class ClassifierAdapter:
         out, off = {}, 0
         for m in self.modalities:
             x, b, n = self.inputs[m][idx], base[m][idx], self.ntok[m]
-            k = keep[:, off:off + n]
+            k = keep[:, off:off + n].to(x.device)
             k = k.view(len(k), n, *[1] * (x.dim() - 2)) if x.dim() == 3 else k.view(len(k), *[1] * (x.dim() - 1))
             out[m] = torch.where(k, x, b)
             off += n
@@ -136,7 +136,7 @@ class ClassifierAdapter:
         kmod = torch.as_tensor(kmod).long()
         if kmod.dim() == 1:
             kmod = kmod.unsqueeze(0).expand(self.B, -1)
-        rows = torch.stack([a[:, :, q, :] for a in atts])  # [L, B, H, K]
+        rows = torch.stack([a[:, :, q, :] for a in atts]).cpu()  # [L, B, H, K]
         return rows, kmod, torch.zeros(self.B, dtype=torch.long)  # the first key is the sink candidate
 
     def attention_token_map(self, kmod: torch.Tensor, key_scores: torch.Tensor) -> torch.Tensor:

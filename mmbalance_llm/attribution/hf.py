@@ -182,6 +182,7 @@ class HFAdapter:
         return per_input["embeds"].sum(-1)
 
     def masked_leaves(self, keep, idx, base=None):
+        idx = idx.to(self.dev)
         keep = keep.to(self.dev) | ~self.prompt[idx]
         E = self.E[idx]
         return {"embeds": torch.where(keep.unsqueeze(-1), E, torch.zeros_like(E))}
@@ -203,7 +204,7 @@ class HFAdapter:
             pos = tm == i
             if m == "text":
                 pos = pos.clone()
-                pos[torch.arange(self.B), self.first_pos] = False  # keep the first token (BOS/sink)
+                pos[torch.arange(self.B, device=self.dev), self.first_pos] = False  # keep the first token (BOS/sink)
                 E[pos] = 0
             else:
                 Em, _ = self._capture(self._blank_media(m))
