@@ -59,6 +59,9 @@ def plot_attention_layers(per_layer: dict, path, title: str = "Attention share p
     fig, ax = plt.subplots(figsize=(4.5, 3.0))
     for i, (m, vals) in enumerate(per_layer.items()):
         ax.plot(range(len(vals)), vals, marker="o", label=m, color=modality_colour(m, i))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("share of the query's attention")
     ax.set_ylim(0, 1)
