@@ -195,7 +195,7 @@ def mllm_batches(tmp_path_factory):
     from mmbalance_llm.models.tiny import tiny_model_and_processor
 
     out = {}
-    for fam, mods in (("llava", ("image",)), ("qwen2_audio", ("audio",))):
+    for fam, mods in (("llava", ("image",)), ("qwen2_vl", ("image",)), ("qwen2_audio", ("audio",))):
         d = tmp_path_factory.mktemp(fam)
         model, proc = tiny_model_and_processor(fam)
         items = generate_items(2, d, mods, seed=1, text_fraction=0.0)
@@ -204,7 +204,7 @@ def mllm_batches(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_audio"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_audio"])
 def test_tiny_mllm_runs_every_method(mllm_batches, family):
     from mmbalance_llm.attribution.hf import answer_logprob
 
@@ -216,7 +216,7 @@ def test_tiny_mllm_runs_every_method(mllm_batches, family):
     with torch.no_grad():  # the decoder-only re-scoring path equals the full model's answer log-prob
         assert torch.allclose(ad.score(ad.leaves())[0], answer_logprob(model, batch)[0], atol=1e-4)
     n_media = int((ad.token_modality == 1).sum(1)[0])
-    assert n_media == (16 if family == "llava" else 25)
+    assert n_media == {"llava": 16, "qwen2_vl": 16, "qwen2_audio": 25}[family]
     for method in METHOD_NAMES:
         res = attribute(model, batch, method, adapter=ad, n_groups=3, n_permutations=4, steps=4)
         assert res.scores.shape == batch["input_ids"].shape
