@@ -165,6 +165,11 @@ def load_mllm(path: str):
         return load_tiny(path)
     from peft import PeftModel
 
+    from mmbalance_llm.adapters import install_peft_registration
+
+    # peft is imported now, so this registers MokA at once (the post-import hook can be consumed by an
+    # importlib.util.find_spec("peft") probe, e.g. transformers' is_peft_available, before peft is imported)
+    install_peft_registration()
     base_path = json.loads(ac.read_text()).get("base_model_name_or_path")
     if not base_path or not Path(base_path).is_dir():
         raise ValueError(f"{ac}: base_model_name_or_path {base_path!r} is not a local model folder")
