@@ -155,3 +155,23 @@ def test_reliance_cli_reports_a_malformed_file(tmp_path, capsys):
     p.write_text('{"image": "a.png", "text": "Is there a cat?", "label": "maybe"}\n')
     assert reliance_main(["--model", str(tmp_path), "--benchmark", str(p)]) == 2
     assert f"{p}:1: field 'label' must be yes/no" in capsys.readouterr().err
+
+
+def test_reliance_on_a_moka_adapter_folder(diag, tmp_path):
+    import peft
+
+    from mmbalance_llm import MokaConfig
+    from mmbalance_llm.eval.reliance import load_mllm
+    from mmbalance_llm.eval.reliance_cli import reliance_main
+    from mmbalance_llm.models.modality_map import get_modality_map
+    from mmbalance_llm.models.tiny import build_tiny, load_tiny
+
+    base_dir = build_tiny("llava", tmp_path / "llava")
+    base, _ = load_tiny(base_dir)
+    pm = peft.get_peft_model(base, MokaConfig(r=2, lora_alpha=4,
+                                              target_modules=get_modality_map(base).target_modules_regex()))
+    pm.save_pretrained(tmp_path / "adapter")
+    model, proc = load_mllm(str(tmp_path / "adapter"))
+    assert type(model).__name__ == "PeftModel" and proc is not None
+    assert reliance_main(["--model", str(tmp_path / "adapter"), "--benchmark", diag["pope"], "--out",
+                          str(tmp_path / "rel"), "--limit", "3"]) == 0
