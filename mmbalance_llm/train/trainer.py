@@ -106,6 +106,10 @@ class Trainer:
         with acc.accumulate(self.model):
             outputs = self.balancer.forward(self.model, batch)
             loss, logs = self.balancer.loss(self.model, batch, outputs)
+            aux = getattr(outputs, "aux_loss", None)
+            if aux is not None:  # the model's own auxiliary objective (e.g. detached probes), under every method
+                loss = loss + aux
+                logs = {**logs, "aux_loss": aux.item()}
             acc.backward(loss)
             if acc.sync_gradients:
                 self.balancer.after_backward(self.model, self.state["global_step"])
