@@ -146,7 +146,7 @@ def main(argv=None) -> int:
 
     try:
         return args.func(args)
-    except (RecipeError, DataError, FileNotFoundError) as exc:
+    except (RecipeError, DataError, FileNotFoundError, RuntimeError) as exc:
         print(f"mmbalance: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # bad hyperparameters / model settings: one line, no traceback

@@ -26,12 +26,10 @@ def evaluate_saved(model_dir: str, data_path: str, split: str = "test", batch_si
                             f"the model expects {model.config.input_shapes[m]}")
     labels = label_tensor(ds, split, label_column, model.config.num_classes)
     loader = DataLoader(FeatureDataset(tensors, labels, split), batch_size=batch_size, collate_fn=collate)
+    if not model.has_unimodal_logits:
+        raise DataError(f"model '{model_dir}' has fusion '{model.config.fusion}' without split logits; its unimodal "
+                        f"accuracy needs a linear probe on training data (see the run's final_metrics.json)")
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    model, loader = acc.prepare(model, loader)
-    # A split head gives unimodal accuracy directly; other fusions would need training data for a probe.
-    mode = "split" if acc.unwrap_model(model).has_unimodal_logits else "auto"
-    if mode != "split":
-        raise DataError(f"model '{model_dir}' has fusion '{model.config.fusion}' without split logits; "
-                        f"its unimodal accuracy needs a linear probe on training data (see final_metrics.json)")
-    return evaluate(acc.unwrap_model(model), loader, acc, list(model.config.modalities) if hasattr(model, "config")
-                    else acc.unwrap_model(model).modalities, model.config.num_classes, unimodal=mode)
+    loader = acc.prepare(loader)
+    model = model.to(acc.device)
+    return evaluate(model, loader, acc, list(model.modalities), model.config.num_classes, unimodal="split")
