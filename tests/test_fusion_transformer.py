@@ -134,7 +134,7 @@ def test_trains_with_the_trainer_and_logs_attention(tiny_data, run_tiny):
 
     path = tiny_data("tokens_capture")
     trainer, final = run_tiny(path, "none", model={"architecture": "fusion_transformer", "fusion_heads": 2},
-                              train={"epochs": 1, "shapley": False})
+                              train={"epochs": 1, "shapley": False, "log_every_steps": 1})
     att = final["test"]["attention"]
     assert set(att["share"]) == {"audio", "visual"} and 0 <= att["air"] <= 2
     assert final["test"]["unimodal_source"] == "split_head"  # the probes' logits

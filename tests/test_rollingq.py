@@ -73,7 +73,7 @@ def _weights(trainer):
 
 def test_zero_strength_is_bit_identical_to_none(tiny_data, run_tiny):
     path = tiny_data("tokens_capture")
-    train = {"epochs": 2, "shapley": False}
+    train = {"epochs": 1, "shapley": False}
     t0, base = run_tiny(path, "none", model=FT, train=train)
     t1, rq = run_tiny(path, "rollingq", balance={"r_time": 0}, model=FT, train=train)
     for split in ("validation", "test"):
@@ -197,3 +197,18 @@ def test_hf_wrapper_middle_position_in_last_layer_and_explicit_ids(tiny_llava, t
     other.set_modality_ids(ids)
     assert torch.equal(model(**batch).logits, out)
     other.remove()
+
+
+def test_hf_wrapper_reads_mm_token_type_ids_before_token_ids(tiny_llava):
+    model, batch = tiny_llava
+    handle = add_rolling_query(model, {"image": 127}, modalities=["text", "image", "audio"])
+    ids = batch["input_ids"]
+    handle._read_ids(model, (), {"input_ids": ids})
+    assert torch.equal(handle._modality_ids, (ids == 127).long())
+    tt = torch.zeros_like(ids)
+    tt[:, 5:7] = 3  # audio by the transformers convention; wins over the image token ids
+    handle._read_ids(model, (), {"input_ids": ids, "mm_token_type_ids": tt})
+    expected = torch.zeros_like(ids)
+    expected[:, 5:7] = 2
+    assert torch.equal(handle._modality_ids, expected)
+    handle.remove()
