@@ -249,6 +249,11 @@ class Trainer:
 
                 plot_run(self.logger.path, os.path.join(self.output_dir, "curves.png"),
                          title=f"{self.balancer.name}: validation accuracy")
+                if "attention" in (self.state["best_validation"] or {}):  # models with attention diagnostics
+                    from mmbalance_llm.eval.attention_plots import plot_run_attention
+
+                    plot_run_attention(self.logger.path, os.path.join(self.output_dir, "attention.png"),
+                                       title=f"{self.balancer.name}: fusion-query attention")
         self.logger.close()
         acc.wait_for_everyone()
         return final
