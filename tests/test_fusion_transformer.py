@@ -124,6 +124,21 @@ def test_three_modalities_and_vector_inputs():
     assert set(summary["share"]) == set(shapes) and "air_signed" not in summary
 
 
+def test_hf_token_encoder_from_a_config_dict():
+    hf = {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+          "intermediate_size": 32, "vocab_size": 10, "max_position_embeddings": 16}
+    model = make_model(encoder="hf", hf_encoder=hf)
+    x = inputs(model)
+    with torch.no_grad():
+        out = model(**x)
+    assert out.logits.shape == (4, 3) and out.features["audio"].shape == (4, 8)
+    model.reset_diagnostics()
+    model.recording_diagnostics = True
+    with torch.no_grad():
+        model(**x)
+    assert model.diagnostic_sums()["tokens"].tolist() == [20.0, 20.0]  # 5 tokens per modality, no [CLS]
+
+
 def test_bad_config_names_the_field():
     with pytest.raises(ValueError, match="fusion_heads"):
         make_model(heads=3)  # 8 is not divisible by 3
@@ -134,7 +149,8 @@ def test_trains_with_the_trainer_and_logs_attention(tiny_data, run_tiny):
 
     path = tiny_data("tokens_capture")
     trainer, final = run_tiny(path, "none", model={"architecture": "fusion_transformer", "fusion_heads": 2},
-                              train={"epochs": 1, "shapley": False, "log_every_steps": 1})
+                              train={"epochs": 1, "shapley": False, "log_every_steps": 1, "plots": True})
+    assert os.path.isfile(os.path.join(trainer.output_dir, "attention.png"))
     att = final["test"]["attention"]
     assert set(att["share"]) == {"audio", "visual"} and 0 <= att["air"] <= 2
     assert final["test"]["unimodal_source"] == "split_head"  # the probes' logits
