@@ -18,6 +18,9 @@ before RoPE (the projection's output is what a forward hook can reach); the stat
 pre-RoPE queries and keys. Modality spans come from a [B, T] modality-id tensor: given explicitly
 (`handle.set_modality_ids`), or read by a pre-hook on the top model from `mm_token_type_ids` or from
 `input_ids` with a {modality: token id} map. `handle.remove()` restores the model exactly.
+Record statistics with full forward passes (no KV cache): during cached decoding a hook sees only the
+new token's key. The handle is not part of the model, so move it with `handle.to(device)` if you like;
+the rotation is moved to the activations' device on use anyway.
 """
 from __future__ import annotations
 
@@ -180,7 +183,7 @@ class RollingQuery(nn.Module):
             pos = self._positions(t)
             q = out.view(b, t, self.num_heads, self.head_dim)
             if self.rotation_count > 0:
-                qp = torch.einsum("hij,bphj->bphi", self.rotation[li].to(out.dtype), q[:, pos])
+                qp = torch.einsum("hij,bphj->bphi", self.rotation[li].to(device=out.device, dtype=out.dtype), q[:, pos])
                 q = q.clone()
                 q[:, pos] = qp
                 out = q.reshape(b, t, -1)
