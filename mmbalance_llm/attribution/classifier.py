@@ -11,7 +11,9 @@ two-stage interface cannot drop).
 Attention (``method="attention"``) needs a model that attends over the tokens of all modalities jointly.
 Its contract: ``model(**inputs, output_attentions=True)`` returns ``attentions`` (a tuple of ``[B, H, Q, K]``
 per layer) and ``attention_modalities`` (``[K]`` or ``[B, K]``: modality index per key, -1 for special keys
-such as [CLS]); the query is ``attention_query`` (int, default 0).
+such as [CLS]); the query is ``attention_query`` (int, default 0). The toolkit's ``FusionTransformer`` is read
+without that flag: its ``layers`` return ``(x, (q0, k, attn0))`` (the fusion query's attention row) and
+``encode_tokens`` gives each modality's token count, so forward hooks on the layers collect the rows.
 """
 from __future__ import annotations
 
@@ -121,23 +123,44 @@ class ClassifierAdapter:
 
     # ---------------------------------------------------------------- attention
     def attention(self):
-        """Per layer [B, H, K] attention of the query, key modality map [B, K], sink key index [B]."""
+        """Per layer [L, B, H, K] attention of the query, key modality map [B, K], sink key index [B]."""
         try:
             out = self.model(**self.inputs, output_attentions=True)
-        except TypeError as e:
-            raise ValueError(f"attention attribution needs a model that attends over all modality tokens and "
-                             f"accepts output_attentions=True; {type(self.model).__name__} does not ({e})") from None
+        except TypeError:
+            out = None
         atts = getattr(out, "attentions", None)
         kmod = getattr(out, "attention_modalities", None)
         if not atts or kmod is None:
-            raise ValueError(f"attention attribution: {type(self.model).__name__} returned no `attentions` with "
-                             "`attention_modalities` (see mmbalance_llm.attribution.classifier for the contract)")
+            found = self._fusion_layer_attention()
+            if found is not None:
+                return found
+            raise ValueError(f"attention attribution needs a model that attends over all modality tokens and "
+                             f"returns `attentions` with `attention_modalities` for output_attentions=True; "
+                             f"{type(self.model).__name__} does not (see mmbalance_llm.attribution.classifier)")
         q = int(getattr(out, "attention_query", 0) or 0)
-        kmod = torch.as_tensor(kmod).long()
+        kmod = torch.as_tensor(kmod).long().cpu()
         if kmod.dim() == 1:
             kmod = kmod.unsqueeze(0).expand(self.B, -1)
         rows = torch.stack([a[:, :, q, :] for a in atts]).cpu()  # [L, B, H, K]
         return rows, kmod, torch.zeros(self.B, dtype=torch.long)  # the first key is the sink candidate
+
+    def _fusion_layer_attention(self):
+        """The toolkit's FusionTransformer: `layers` return (x, (q0, k, attn0)) with the fusion query at position
+        0, and `encode_tokens` gives each modality's tokens (sequence [query; tokens_1; ...; tokens_M])."""
+        layers, enc = getattr(self.model, "layers", None), getattr(self.model, "encode_tokens", None)
+        if layers is None or enc is None:
+            return None
+        rows = []
+        hooks = [layer.register_forward_hook(lambda _m, _i, o: rows.append(o[1][2].detach().cpu()))
+                 for layer in layers]
+        try:
+            self.model(**self.inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        tokens, _ = enc(**self.inputs)
+        kmod = torch.tensor([-1] + [i for i, m in enumerate(self.modalities) for _ in range(tokens[m].shape[1])])
+        return torch.stack(rows), kmod.unsqueeze(0).expand(self.B, -1), torch.zeros(self.B, dtype=torch.long)
 
     def attention_token_map(self, kmod: torch.Tensor, key_scores: torch.Tensor) -> torch.Tensor:
         """Key scores [B, K] -> token scores [B, T]: keys of modality m map to its positions in order."""
@@ -146,9 +169,9 @@ class ClassifierAdapter:
         for i, m in enumerate(self.modalities):
             for b in range(self.B):
                 v = key_scores[b][kmod[b] == i]
-                n = min(len(v), self.ntok[m])
-                if len(v) == self.ntok[m]:
-                    out[b, off:off + n] = v[:n]
+                if len(v) >= self.ntok[m] and len(v) <= self.ntok[m] + 1:
+                    # equal, or one extra leading key (an encoder [CLS]): positions take the last ntok keys
+                    out[b, off:off + self.ntok[m]] = v[len(v) - self.ntok[m]:]
                 else:  # a model with its own tokenisation: spread the modality's mass over its positions
                     out[b, off:off + self.ntok[m]] = v.sum() / self.ntok[m]
             off += self.ntok[m]
