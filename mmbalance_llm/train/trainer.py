@@ -198,6 +198,7 @@ class Trainer:
                 self.balancer.on_epoch_start(model, epoch)
             loader = self.balancer.train_loader(epoch) or self.train_loader
             loader.set_epoch(epoch)  # a new, seeded order every epoch, identical after a resume
+            epoch_batches = len(loader)  # a data-stage method's loader may be longer than the default one
             if resuming_mid_epoch:
                 loader = acc.skip_first_batches(loader, self.state["batches_done"])
             if self.balancer.train_epoch is not None:
@@ -207,7 +208,7 @@ class Trainer:
                     self.training_step(batch)
                     if self._stop_requested():
                         break
-            if self._stop_requested() and self.state["batches_done"] < len(self.train_loader):
+            if self._stop_requested() and self.state["batches_done"] < epoch_batches:
                 stopped = True
                 break
             self.balancer.on_epoch_end(model, epoch)
