@@ -22,7 +22,7 @@ DEFAULT_RECIPE = {
     "model": {"encoder": "default", "feature_dim": 64, "hidden_dim": 128, "num_layers": 2, "fusion": "concat"},
     "data": {"path": None},
     "train": {"epochs": 15, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.01, "optimizer": "adamw",
-              "seed": 0, "progress": False},
+              "seed": 0},
     "balance": {"method": "none"},
 }
 

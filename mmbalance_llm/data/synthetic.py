@@ -162,9 +162,17 @@ def to_dataset_dict(splits: dict, spec: SyntheticSpec):
 
 def write_synthetic(out_dir: str, spec: SyntheticSpec) -> str:
     """Generate `spec` and save it to `out_dir` (DatasetDict + card.json). Returns out_dir."""
+    import datasets
+
     ds = to_dataset_dict(generate(spec), spec)
     os.makedirs(out_dir, exist_ok=True)
-    ds.save_to_disk(out_dir)
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # three per-split "Saving the dataset" bars say nothing useful here
+    try:
+        ds.save_to_disk(out_dir)
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
     card = dataclasses.asdict(spec)
     card["columns"] = [m.name for m in spec.modalities] + ["label"]
     with open(os.path.join(out_dir, "card.json"), "w", encoding="utf-8") as fh:

@@ -11,7 +11,7 @@ import importlib
 
 _BUILDERS: dict = {}
 # Modules that register architectures; imported on first lookup so that the registry is complete.
-_MODULES = ["mmbalance_llm.models.classifier"]
+_MODULES = ["mmbalance_llm.models.classifier", "mmbalance_llm.models.shared_head", "mmbalance_llm.models.mmtm"]
 
 
 def register_architecture(name: str):

@@ -184,7 +184,9 @@ class Trainer:
         model = self.model
         stopped = False
         start_time, start_step, self.step_seconds = time.perf_counter(), self.state["global_step"], 0.0
+        train_seconds = 0.0  # epochs' training work, the method's epoch hooks included; evaluation excluded
         for epoch in range(self.state["epoch"], cfg.epochs):
+            tick = time.perf_counter()
             self.ctx.epoch = epoch
             model.train()
             resuming_mid_epoch = self.state["batches_done"] > 0
@@ -205,6 +207,7 @@ class Trainer:
                 stopped = True
                 break
             self.balancer.on_epoch_end(model, epoch)
+            train_seconds += time.perf_counter() - tick
             if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs:
                 self._validate_and_keep_best(epoch)
             self.state.update(epoch=epoch + 1, batches_done=0)
@@ -214,7 +217,7 @@ class Trainer:
                 break
         self.progress.close()
         steps = self.state["global_step"] - start_step
-        self.timing = {"wall_seconds": time.perf_counter() - start_time, "steps": steps,
+        self.timing = {"wall_seconds": time.perf_counter() - start_time, "train_seconds": train_seconds, "steps": steps,
                        "step_seconds": self.step_seconds, "mean_step_seconds": self.step_seconds / max(1, steps)}
         if acc.is_main_process:  # kept out of final_metrics.json, which must be identical across reruns
             write_json_atomic(os.path.join(self.output_dir, "timing.json"), self.timing)
