@@ -354,3 +354,23 @@ def test_resume_reaches_the_same_result(tiny_data, tmp_path, method, balance, st
     assert Trainer(recipe_from_dict(raw)).fit() is None
     raw["train"].update(max_steps=None, resume_from="latest")
     assert json.dumps(Trainer(recipe_from_dict(raw)).fit()) == json.dumps(full)
+
+
+@pytest.mark.parametrize("method,bad,field", [
+    ("agm", {"empty_set": "none"}, "balance.empty_set"),
+    ("pmr", {"proto_ratio": 0.0}, "balance.proto_ratio"),
+    ("pmr", {"momentum": 1.0}, "balance.momentum"),
+    ("inforeg", {"window": 0}, "balance.window"),
+    ("reconboost", {"t_epochs": 0}, "balance.t_epochs"),
+    ("relearning", {"reinit_epoch": 0}, "balance.reinit_epoch"),
+    ("ogm", {"modulation": "GE"}, "balance.modulation"),
+])
+def test_bad_hyperparameters_name_the_field(method, bad, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        get_method(method, **bad)
+
+
+def test_inforeg_rejects_unknown_modalities_in_beta_overrides():
+    b = get_method("inforeg", beta_per_modality={"visaul": 0.1})
+    with pytest.raises(ValueError, match="beta_per_modality.*visaul"):
+        b.setup(make_ctx(["audio", "visual"]), tiny_model(["audio", "visual"]))
