@@ -330,3 +330,47 @@ def test_relearning_resets_toward_init_by_the_diagnosed_strength():
     fresh = get_method("relearning")
     fresh.load_state_dict(b.state_dict())
     assert fresh.resets_done == 1 and all(torch.equal(fresh.theta_init[n], init[n]) for n in init)
+
+
+# -- resume: the balancer state (prototypes, anchors, Fisher sums, theta_init, pass offsets) round-trips ---
+@pytest.mark.parametrize("method,balance,stop_at", [
+    ("pmr", {}, 11),                          # mid-epoch 1: EMA prototypes come from the checkpoint
+    ("inforeg", {}, 11),                      # mid-epoch 1: anchor, Fisher sums and traces
+    ("relearning", {"reinit_epoch": 1}, 11),  # after the first reset: theta_init and the reset count
+    ("reconboost", {}, 20),                   # epoch 1, first pass, batch 4 of 8
+], ids=["pmr", "inforeg", "relearning", "reconboost"])
+def test_resume_reaches_the_same_result(tiny_data, tmp_path, method, balance, stop_at):
+    import json
+
+    from mmbalance_llm.config import recipe_from_dict
+    from mmbalance_llm.train.trainer import Trainer
+    from conftest import tiny_recipe
+
+    train = {**FAST, "epochs": 2}
+    full_raw = tiny_recipe(tiny_data(), str(tmp_path / "full"), method, train=train, balance={"method": method, **balance})
+    full = Trainer(recipe_from_dict(full_raw)).fit()
+    raw = tiny_recipe(tiny_data(), str(tmp_path / "part"), method, train={**train, "max_steps": stop_at},
+                      balance={"method": method, **balance})
+    assert Trainer(recipe_from_dict(raw)).fit() is None
+    raw["train"].update(max_steps=None, resume_from="latest")
+    assert json.dumps(Trainer(recipe_from_dict(raw)).fit()) == json.dumps(full)
+
+
+@pytest.mark.parametrize("method,bad,field", [
+    ("agm", {"empty_set": "none"}, "balance.empty_set"),
+    ("pmr", {"proto_ratio": 0.0}, "balance.proto_ratio"),
+    ("pmr", {"momentum": 1.0}, "balance.momentum"),
+    ("inforeg", {"window": 0}, "balance.window"),
+    ("reconboost", {"t_epochs": 0}, "balance.t_epochs"),
+    ("relearning", {"reinit_epoch": 0}, "balance.reinit_epoch"),
+    ("ogm", {"modulation": "GE"}, "balance.modulation"),
+])
+def test_bad_hyperparameters_name_the_field(method, bad, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        get_method(method, **bad)
+
+
+def test_inforeg_rejects_unknown_modalities_in_beta_overrides():
+    b = get_method("inforeg", beta_per_modality={"visaul": 0.1})
+    with pytest.raises(ValueError, match="beta_per_modality.*visaul"):
+        b.setup(make_ctx(["audio", "visual"]), tiny_model(["audio", "visual"]))

@@ -15,9 +15,10 @@ Per step:
 4. c_m = exp(alpha * min(ratio*_m - ratio_m, 7)); encoder m's gradient is multiplied by c_m. The loss is the
    plain fused cross-entropy. The running means then absorb this step's s.
 
-Efficiency: zero input on modality m only changes h_m into encoder_m(0), a constant. So f(S) for all
-2^M - 1 subsets is one re-fusion of the already computed features (h_m for m in S, encoder_m(0) broadcast
-otherwise), batched into one `fuse` call, plus one forward of every encoder on a single zero sample. This is
+Efficiency: zero input on modality m only changes h_m into encoder_m(0), a constant. So f(S) for the
+2^M - 2 proper non-empty subsets is one re-fusion of the already computed features (h_m for m in S,
+encoder_m(0) broadcast otherwise), batched into one `fuse` call, plus one forward of every encoder on a
+single zero sample; f(M) is the training forward itself. This is
 exact whenever an encoder treats samples independently (no dropout in train mode, no batch statistics);
 with dropout the zero-sample pass draws its own mask, which is as valid a sample as the padded batch's.
 
@@ -56,16 +57,20 @@ def shapley_weights(num_modalities: int) -> list:
     return [math.factorial(k) * math.factorial(m - k - 1) / math.factorial(m) for k in range(m)]
 
 
-def subset_logits(fuse, features: dict, zero_features: dict, modalities: list) -> dict:
+def subset_logits(fuse, features: dict, zero_features: dict, modalities: list, full=None) -> dict:
     """f(S) for every non-empty subset S (a frozenset), by re-fusing the given features: h_m for m in S,
-    encoder_m(0) broadcast over the batch otherwise. One batched `fuse` call, no gradient."""
-    subsets = [frozenset(c) for k in range(1, len(modalities) + 1) for c in itertools.combinations(modalities, k)]
+    encoder_m(0) broadcast over the batch otherwise. One batched `fuse` call, no gradient. `full`, the
+    logits of the real forward, stands for S = all modalities when given (one subset fewer to fuse)."""
+    top = len(modalities) if full is None else len(modalities) - 1
+    subsets = [frozenset(c) for k in range(1, top + 1) for c in itertools.combinations(modalities, k)]
     batch = len(next(iter(features.values())))
     with torch.no_grad():
         stacked = {m: torch.cat([features[m].detach() if m in s else zero_features[m].expand_as(features[m])
                                  for s in subsets]) for m in modalities}
-        logits = fuse(stacked).logits.split(batch)
-    return dict(zip(subsets, logits))
+        values = dict(zip(subsets, fuse(stacked).logits.split(batch))) if subsets else {}
+    if full is not None:
+        values[frozenset(modalities)] = full.detach()
+    return values
 
 
 def shapley_logits(values: dict, modalities: list, empty_value: torch.Tensor) -> dict:
@@ -118,11 +123,12 @@ class AGM(Balancer):
         net = self.ctx.unwrap(model)
         with torch.no_grad():
             zero = net.encode(**{m: torch.zeros_like(batch[m][:1]) for m in mods})
-            values = subset_logits(net.fuse, outputs.features, zero, mods)
-            values[frozenset(mods)] = outputs.logits.detach()  # the real full pass, not a re-fusion
+            values = subset_logits(net.fuse, outputs.features, zero, mods, full=outputs.logits)
             empty = 0.0 if self.config.empty_set == "zero" else net.fuse(zero).logits
             phi = shapley_logits(values, mods, empty)
-            ce = torch.stack([F.cross_entropy(phi[m].float(), labels, reduction="sum") for m in mods])
+            stacked = torch.stack([phi[m] for m in mods]).float()  # [M, B, C]: one cross-entropy call
+            ce = F.cross_entropy(stacked.flatten(0, 1), labels.repeat(len(mods)), reduction="none")
+            ce = ce.view(len(mods), -1).sum(1)
             stats = self.ctx.reduce_sum(torch.cat([ce, ce.new_tensor([len(labels)])]))
             scores = (stats[:-1] / stats[-1]).double().cpu()
         running = self.score_sum / self.steps if self.steps else torch.zeros_like(scores)

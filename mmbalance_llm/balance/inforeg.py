@@ -117,15 +117,25 @@ class InfoReg(Balancer):
     @torch.no_grad()
     def after_backward(self, model, step):
         for m in self.ctx.modalities:
+            named = [(n, p) for n, p in self._params(model, m) if p.grad is not None]
+            if not named:
+                continue
+            names, grads = [n for n, _ in named], [p.grad for _, p in named]
             acc = self.fisher.setdefault(m, {})
+            device = grads[0].device
+            for store in (acc, self.anchor):  # state restored from a checkpoint arrives on the CPU
+                for n in names:
+                    if n in store and store[n].device != device:
+                        store[n] = store[n].to(device)
+            if all(n in acc for n in names):  # one fused pass per modality instead of one op per tensor
+                torch._foreach_addcmul_([acc[n] for n in names], grads, grads)
+            else:
+                for n, g in zip(names, grads):
+                    acc[n] = g.float().square()
             beta = self._betas.get(m)
-            for n, p in self._params(model, m):
-                if p.grad is None:
-                    continue
-                sq = p.grad.float().square()
-                acc[n] = acc[n] + sq if n in acc else sq
-                if beta is not None and n in self.anchor:
-                    p.grad.add_((p.detach() - self.anchor[n].to(p.device)).to(p.grad.dtype), alpha=beta)
+            if beta is not None:
+                drift = torch._foreach_sub([p.detach() for _, p in named], [self.anchor[n] for n in names])
+                torch._foreach_add_(grads, drift, alpha=beta)
 
     def on_epoch_end(self, model, epoch):
         for m in self.ctx.modalities:

@@ -18,9 +18,9 @@ Defaults: alpha = 0.5, w1 = 5, w2 = 1, t_epochs = 1 (BalanceBenchmark). M > 2: s
 Deliberate differences: the boost rate is a fixed hyperparameter (default 1), not learned: a positive
 scalar on the ensemble does not change its predictions, only the stage-2 loss temperature. The learners
 share the concat head (split columns) instead of the reference's shared 1024-d head; stage 1 leaves the
-other encoders without gradients, so `find_unused_parameters` is on under DDP. A run stopped by
-`train.max_steps` inside an epoch resumes at the right pass and batch of that epoch only when it stopped
-in the epoch's first pass (the trainer counts one pass per epoch); otherwise the epoch is closed early.
+other encoders without gradients, so `find_unused_parameters` is on under DDP. Each pass has its own seeded
+order, and a run stopped by `train.max_steps` in an epoch's first pass resumes at the same pass and batch
+(tested); a stop in a later pass closes that epoch early, because the trainer counts one pass per epoch.
 """
 from __future__ import annotations
 
@@ -83,12 +83,15 @@ class ReconBoost(Balancer):
 
     def _train_epoch(self, trainer, model, loader, epoch):
         base, done = trainer.train_loader, trainer.state["batches_done"]
-        n = len(base)
-        for i, stage in enumerate(self.schedule(epoch)):
+        n, schedule = len(base), self.schedule(epoch)
+        for i, stage in enumerate(schedule):
             if done >= (i + 1) * n:
                 continue  # finished before a resume
             self._stage = stage
             offset = done - i * n
+            # A seeded order per (epoch, pass): the sampler would otherwise advance its epoch after every
+            # full pass, and a resumed run (which skips passes) would see other orders than an uninterrupted one.
+            base.set_epoch(epoch * len(schedule) + i)
             batches = trainer.accelerator.skip_first_batches(base, offset) if offset > 0 else base
             for batch in batches:
                 trainer.training_step(batch)
