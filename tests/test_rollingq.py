@@ -209,6 +209,7 @@ def test_hf_wrapper_reads_mm_token_type_ids_before_token_ids(tiny_llava):
     handle.remove()
 
 
+@pytest.mark.slow
 def test_resume_after_the_rotation_matches_an_uninterrupted_run(tiny_data, tmp_path):
     import json
     import os
