@@ -69,3 +69,12 @@ def test_compare_writes_table_curves_and_pareto(tiny_data, tmp_path):
     assert "| none |" in table and "| unimodal_aux |" in table and "trained alone" in table and "±" in table
     assert summary["rows"]["none"]["seeds"] == 2
     assert set(summary["alone"]) == {"audio", "visual"}
+
+
+def test_make_data_delegates_mm_instruct_and_tiny_models(tmp_path, capsys):
+    assert main(["make-data", "mm-instruct", str(tmp_path / "mm"), "--n-train", "4", "--n-validation", "2",
+                 "--n-test", "2", "--modalities", "image,audio"]) == 0
+    train = json.loads((tmp_path / "mm" / "train.json").read_text())
+    assert len(train) == 4 and all("messages" in r for r in train)
+    assert main(["make-data", "tiny-model", "llava", str(tmp_path / "tiny")]) == 0
+    assert (tmp_path / "tiny" / "config.json").exists()

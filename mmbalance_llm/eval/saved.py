@@ -1,4 +1,4 @@
-"""Evaluate a saved `MultimodalClassifier` (for example `RUN/best`) on one split of a dataset."""
+"""Evaluate a saved model of any registered architecture (for example `RUN/best`) on one split of a dataset."""
 from __future__ import annotations
 
 import torch
@@ -12,9 +12,12 @@ def evaluate_saved(model_dir: str, data_path: str, split: str = "test", batch_si
                    label_column: str = "label") -> dict:
     from accelerate import Accelerator
 
-    from mmbalance_llm.models.classifier import MultimodalClassifier
+    from transformers import AutoModel
 
-    model = MultimodalClassifier.from_pretrained(model_dir)
+    from mmbalance_llm.models.registry import available_architectures
+
+    available_architectures()  # imports every architecture module, which registers it with AutoModel
+    model = AutoModel.from_pretrained(model_dir)
     raw = load_splits(data_path, [split])
     if split not in raw:
         raise DataError(f"data '{data_path}' has no split '{split}'")

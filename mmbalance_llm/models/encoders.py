@@ -12,7 +12,7 @@ class MLPEncoder(nn.Module):
 
     def __init__(self, in_shape, hidden_dim: int, feature_dim: int, num_layers: int = 2, dropout: float = 0.0):
         super().__init__()
-        in_dim = math.prod(in_shape)
+        in_dim = math.prod(int(d) for d in in_shape)  # plain ints: from_pretrained builds on the meta device
         layers, width = [], in_dim
         for _ in range(num_layers):
             layers += [nn.Linear(width, hidden_dim), nn.ReLU(), nn.Dropout(dropout)]

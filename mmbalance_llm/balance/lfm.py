@@ -1,0 +1,138 @@
+"""`lfm`: dynamically Learning the modality gap (fused CE + unimodal alignment, learned mixing weight).
+
+Yang et al., "Facilitating Multimodal Classification via Dynamically Learning Modality Gap", NeurIPS 2024.
+Stage: objective.
+
+The training loss mixes the supervised fused loss with an alignment term between the modalities'
+predictions (Jensen-Shannon divergence of the split-head softmaxes, averaged over all modality pairs):
+
+    L = 2 (alpha_0 CE(z) + alpha_1 mean_{a<b} JS(softmax z_a, softmax z_b)),   alpha_0 = 1 - alpha_1.
+
+alpha_1 is learned (bi-level): once per epoch it takes one hypergradient step that lowers the held-out
+classification loss after a training step. With theta' = theta - eta grad_theta L_train(alpha), the
+first-order hypergradient is dL_val(theta')/d alpha_1 ~= -eta <grad L_cls^val, grad(JS - CE)^train>
+(d/d alpha_1 of grad L_train is grad(JS) - grad(CE), up to the factor 2). So
+
+    alpha_1 <- clip(alpha_1 + lr_alpha * <g_val, g_JS - g_CE>, 0.05, 0.95)
+
+with g_val = grad of CE on a fixed validation batch (a quarter of the first validation batch, as the
+reference) and g_JS, g_CE on the first (ordered) training batch; the learning rate eta is folded into
+lr_alpha, which halves every 20 epochs. The update reads the validation split, never test.
+
+Defaults: alpha = (0.95, 0.05) at start, lr_alpha = 1e-4 (reference toolkit), clip [0.05, 0.95].
+
+Distributed: the gradient vectors of the hypergradient are averaged over processes before the inner
+product, so every rank applies the same alpha.
+
+M > 2: supported (JS over all pairs).
+
+Differences from the reference toolkit, on purpose: BB steps alpha_1 by the mean of the *first parameter
+tensor's* entries of a Hessian-vector product computed entirely on the validation batch, a quantity that
+depends on parameter order; here the step is the (first-order) hypergradient of the validation loss w.r.t.
+alpha_1 over all parameters. The JS term is computed in a numerically safe form (BB takes log of softmax).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+
+import torch
+import torch.nn.functional as F
+
+from mmbalance_llm.balance import register
+from mmbalance_llm.balance._objective import allreduce_mean_, flatten
+from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp, model_inputs
+
+
+@dataclass
+class LFMConfig(BalancerConfig):
+    alpha_init: float = hp(0.05, "Initial weight alpha_1 of the alignment (JS) term; alpha_0 = 1 - alpha_1.")
+    lr_alpha: float = hp(1e-4, "Hypergradient step size for alpha_1 (halved every `lr_decay_epochs`). 0 freezes alpha.")
+    lr_decay_epochs: int = hp(20, "Halve lr_alpha every this many epochs.")
+    alpha_min: float = hp(0.05, "Lower clip of alpha_1.")
+    alpha_max: float = hp(0.95, "Upper clip of alpha_1.")
+    val_fraction: float = hp(0.25, "Fraction of the first validation batch used for the hypergradient.")
+
+
+def js_divergence(za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
+    """Batch-mean Jensen-Shannon divergence between softmax(za) and softmax(zb)."""
+    la, lb = torch.log_softmax(za, -1), torch.log_softmax(zb, -1)
+    lm = torch.logsumexp(torch.stack([la, lb]), 0) - torch.log(torch.tensor(2.0, dtype=la.dtype))
+    kl_a = (la.exp() * (la - lm)).sum(-1)
+    kl_b = (lb.exp() * (lb - lm)).sum(-1)
+    return (0.5 * (kl_a + kl_b)).mean()
+
+
+def alignment(unimodal: dict) -> torch.Tensor:
+    pairs = list(combinations(list(unimodal), 2))
+    if not pairs:
+        return next(iter(unimodal.values())).sum() * 0
+    return sum(js_divergence(unimodal[a], unimodal[b]) for a, b in pairs) / len(pairs)
+
+
+@register
+class LFM(Balancer):
+    name = "lfm"
+    stage = "objective"
+    paper = "Yang et al., Facilitating Multimodal Classification via Dynamically Learning Modality Gap, NeurIPS 2024"
+    requires_unimodal_logits = True
+    config_class = LFMConfig
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        c = self.config
+        if not 0 <= c.alpha_min <= c.alpha_init <= c.alpha_max <= 1:
+            raise ValueError("balance.alpha_init must lie in [alpha_min, alpha_max] within [0, 1]")
+        if not 0 < c.val_fraction <= 1:
+            raise ValueError(f"balance.val_fraction must be in (0, 1], got {c.val_fraction}")
+        self.alpha1 = float(c.alpha_init)
+        self.lr_alpha = float(c.lr_alpha)
+
+    def _first_batch(self, name):
+        loader = self.ctx.loaders[name]
+        return next(iter(loader))
+
+    def hypergradient(self, model) -> float:
+        """<g_val, g_JS - g_CE> averaged over processes (see the module docstring)."""
+        unwrapped = self.ctx.unwrap(model)
+        params = [p for p in unwrapped.parameters() if p.requires_grad]
+        mods = self.ctx.modalities
+        was_training = unwrapped.training
+        unwrapped.eval()  # no dropout noise in the statistic
+        try:
+            val = self._first_batch("validation")
+            n = max(1, int(len(val["labels"]) * self.config.val_fraction))
+            out = unwrapped(**{m: val[m][:n] for m in mods})
+            g_val = torch.autograd.grad(F.cross_entropy(out.logits, val["labels"][:n]), params, allow_unused=True)
+            train = self._first_batch("train_eval")
+            out = unwrapped(**model_inputs(train, mods))
+            g_ce = torch.autograd.grad(F.cross_entropy(out.logits, train["labels"]), params, retain_graph=True,
+                                       allow_unused=True)
+            g_js = torch.autograd.grad(alignment(out.unimodal_logits), params, allow_unused=True)
+        finally:
+            unwrapped.train(was_training)
+        fill = lambda gs: [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, params)]  # noqa: E731
+        flat = allreduce_mean_(self.ctx, torch.stack([flatten(fill(g_val)), flatten(fill(g_js)) - flatten(fill(g_ce))]))
+        return float(flat[0].double() @ flat[1].double())
+
+    def on_epoch_start(self, model, epoch):
+        c = self.config
+        if c.lr_alpha == 0:
+            return
+        if epoch > 0 and epoch % c.lr_decay_epochs == 0:
+            self.lr_alpha /= 2
+        h = self.hypergradient(model)
+        self.alpha1 = min(c.alpha_max, max(c.alpha_min, self.alpha1 + self.lr_alpha * h))
+
+    def loss(self, model, batch, outputs):
+        ce = F.cross_entropy(outputs.logits, batch["labels"])
+        js = alignment(outputs.unimodal_logits)
+        a1 = self.alpha1
+        return 2 * ((1 - a1) * ce + a1 * js), {"lfm_alpha1": a1, "lfm_js": js.item()}
+
+    def state_dict(self):
+        return {"alpha1": self.alpha1, "lr_alpha": self.lr_alpha}
+
+    def load_state_dict(self, state):
+        self.alpha1 = float(state.get("alpha1", self.alpha1))
+        self.lr_alpha = float(state.get("lr_alpha", self.lr_alpha))
