@@ -207,3 +207,26 @@ def test_hf_wrapper_reads_mm_token_type_ids_before_token_ids(tiny_llava):
     expected[:, 5:7] = 2
     assert torch.equal(handle._modality_ids, expected)
     handle.remove()
+
+
+@pytest.mark.slow
+def test_resume_after_the_rotation_matches_an_uninterrupted_run(tiny_data, tmp_path):
+    import json
+    import os
+
+    from conftest import tiny_recipe
+
+    from mmbalance_llm.config import recipe_from_dict
+    from mmbalance_llm.train.trainer import Trainer
+
+    path = tiny_data("tokens_capture")
+    train = {"epochs": 2, "shapley": False, "save_total_limit": None}
+    full = Trainer(recipe_from_dict(tiny_recipe(path, str(tmp_path / "full"), "rollingq", model=FT, train=train))).fit()
+    raw = tiny_recipe(path, str(tmp_path / "part"), "rollingq", model=FT, train={**train, "max_steps": 12})
+    assert Trainer(recipe_from_dict(raw)).fit() is None  # stopped in epoch 2, after the rotation
+    raw["train"].update(max_steps=None, resume_from="latest")
+    trainer = Trainer(recipe_from_dict(raw))
+    resumed = trainer.fit()
+    assert trainer.accelerator.unwrap_model(trainer.model).config.rotation_count == 1
+    assert json.dumps(resumed) == json.dumps(full)
+    assert os.path.isfile(os.path.join(str(tmp_path / "part"), "best", "model.safetensors"))
