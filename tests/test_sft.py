@@ -103,3 +103,4 @@ def test_shipped_recipes_load(tmp_path):
     for n in names:
         cfg = load_sft_recipe(os.path.join(root, n), ["adapter=lora"])
         assert cfg["adapter"] == "lora" and cfg["task"] == "sft"
+        assert "cross_attention_weight" not in cfg["adapter_config"]  # MokA-only keys dropped for LoRA

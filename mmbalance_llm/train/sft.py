@@ -56,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "eval": {"accuracy": "options", "batch_size": 32, "max_new_tokens": 8, "max_samples": None},
 }
+MOKA_ONLY_FIELDS = {"modalities", "cross_attention_weight", "question_after_media"}
 _FREE_FORM = {"adapter_config", "data.generate"}  # sections checked elsewhere (or free-form)
 
 
@@ -144,6 +145,13 @@ def _check_adapter_fields(cfg: dict):
 
     cls = MokaConfig if cfg["adapter"] == "moka" else peft.LoraConfig
     fields = {f.name for f in dataclasses.fields(cls)}
+    if cls is not MokaConfig:
+        # so one recipe switches with adapter=lora: MokA-only fields are dropped, and said so
+        moka_only = sorted(set(cfg["adapter_config"] or {}) & MOKA_ONLY_FIELDS)
+        if moka_only:
+            print(f"[mmbalance] adapter={cfg['adapter']}: ignoring MokA-only adapter_config keys {moka_only}",
+                  file=sys.stderr)
+            cfg["adapter_config"] = {k: v for k, v in cfg["adapter_config"].items() if k not in MOKA_ONLY_FIELDS}
     for k in cfg["adapter_config"] or {}:
         if k not in fields:
             raise RecipeError(f"unknown recipe key 'adapter_config.{k}' for {cls.__name__}{_suggest(k, fields)}")
