@@ -104,3 +104,13 @@ def test_shipped_recipes_load(tmp_path):
         cfg = load_sft_recipe(os.path.join(root, n), ["adapter=lora"])
         assert cfg["adapter"] == "lora" and cfg["task"] == "sft"
         assert "cross_attention_weight" not in cfg["adapter_config"]  # MokA-only keys dropped for LoRA
+
+
+def test_media_cut_by_truncation_fails_before_training_naming_the_sample(tmp_path):
+    from mmbalance_llm.data.chat import ChatDataError
+
+    cfg = load_sft_recipe(recipe(tmp_path, "llava", "moka", "image", data={"max_length": 8}))
+    with pytest.raises(ChatDataError, match=r"train\.json: sample 0 \(id=train_00000\): truncation to max_length=8 "
+                                            r"would cut media tokens"):
+        run(cfg)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

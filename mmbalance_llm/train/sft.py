@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "data": {
         "train": None, "validation": None, "test": None, "media_root": None, "max_length": 512,
         "media_cache": 0,        # processed media kept in memory by path (small media: set ~ dataset size)
+        "precheck": True,        # encode every sample once before training, so a bad one fails first, by name
         "generate": None,        # {modalities, n_train, n_validation, n_test, seed}: write the synthetic set if missing
     },
     "train": {
@@ -336,8 +337,10 @@ def run(cfg: dict) -> dict:
             if s in splits:
                 splits[s] = splits[s][: cfg["eval"]["max_samples"]]
     collator = ChatCollator(processor, model.config, max_length=d["max_length"], media_cache_size=d["media_cache"])
-    for i, r in enumerate(splits["train"]):  # fail on a bad sample before training, naming it
-        collator.encode(r, where=f"{d['train']}: sample {i} (id={r['id']})")
+    if d["precheck"]:  # fail on a bad sample (e.g. media cut by max_length) before training, naming it
+        for s_name, recs in splits.items():
+            for i, r in enumerate(recs):
+                collator.encode(r, where=f"{d[s_name]}: sample {i} (id={r['id']})")
     loader = torch.utils.data.DataLoader(splits["train"], batch_size=tc["batch_size"], shuffle=True,
                                          collate_fn=collator, num_workers=tc["num_workers"])
     params = [p for p in model.parameters() if p.requires_grad]
