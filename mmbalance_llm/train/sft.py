@@ -233,9 +233,9 @@ def _score_options(model, collator, recs, ecfg, device, dtype) -> list[int]:
     scores = []
     for chunk in _chunks(encs, ecfg["batch_size"]):
         b = _to(collator.pad(chunk), device, dtype)
-        labels = b.pop("labels")
+        # labels go into the forward too: MokA reads them to keep the option tokens out of the question keys
         logits = model(**b).logits[:, :-1].float()
-        tgt = labels[:, 1:]
+        tgt = b["labels"][:, 1:]
         lp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp(min=0)[..., None])[..., 0]
         scores += (lp * (tgt != -100)).sum(1).tolist()
     best = {}
