@@ -295,7 +295,13 @@ def run(cfg: dict) -> dict:
     from mmbalance_llm.models.modality_map import component_parameters, get_modality_map, model_class_for
 
     tc = cfg["train"]
-    acc = Accelerator(gradient_accumulation_steps=tc["grad_accum"], mixed_precision=tc["mixed_precision"])
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # a modality absent from a batch (no video in image data, text-only items) leaves its MokA A without
+    # gradient on that step; DDP must be told, or it waits forever for those parameters
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg["adapter"] == "moka")
+    acc = Accelerator(gradient_accumulation_steps=tc["grad_accum"], mixed_precision=tc["mixed_precision"],
+                      kwargs_handlers=[ddp])
     out_dir = Path(_resolve(cfg, cfg["output_dir"]))
     if acc.is_main_process:
         prepare_assets(cfg)
@@ -345,11 +351,13 @@ def run(cfg: dict) -> dict:
                                          collate_fn=collator, num_workers=tc["num_workers"])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
-    steps_per_epoch = math.ceil(len(loader) / tc["grad_accum"])
+    model, opt, loader = acc.prepare(model, opt, loader)
+    steps_per_epoch = math.ceil(len(loader) / tc["grad_accum"])  # per process, after sharding
     total = tc["max_steps"] or steps_per_epoch * tc["epochs"]
-    sched = get_scheduler(tc["scheduler"], opt, num_warmup_steps=int(tc["warmup_ratio"] * total),
-                          num_training_steps=total)
-    model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
+    # accelerate steps a prepared scheduler once per process each optimizer step, hence the factor
+    n = acc.num_processes
+    sched = acc.prepare(get_scheduler(tc["scheduler"], opt, num_warmup_steps=int(tc["warmup_ratio"] * total) * n,
+                                      num_training_steps=total * n))
 
     log_path = out_dir / "metrics.jsonl"
     if acc.is_main_process:
