@@ -9,7 +9,7 @@ times ``--steps`` steps and the ratio is of the medians over rounds. Speed is on
 measured in one run.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over a step. On CPU (no allocator statistics) it is
-the bytes autograd saves for backward (the activation memory) plus the adapter's parameters, gradients and
+the bytes of the distinct storages autograd saves for backward (the activation memory) plus the adapter's parameters, gradients and
 AdamW state, counted with ``torch.autograd.graph.saved_tensors_hooks``; the frozen base weights are equal in
 both runs and left out, which makes the CPU ratio an upper bound of the whole-process ratio.
 """
@@ -66,10 +66,12 @@ def peak_bytes(model, batch, opt, device) -> int:
         opt.zero_grad(set_to_none=False)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()  # whole-process peak (base weights included)
-    saved = []
+    saved = {}
 
     def pack(t):
-        saved.append(t.numel() * t.element_size())
+        # one tensor saved by several ops (x for A_text and A_image) is one allocation: count storages once
+        st = t.untyped_storage()
+        saved[st.data_ptr()] = st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -78,7 +80,7 @@ def peak_bytes(model, batch, opt, device) -> int:
     opt.step()
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     opt.zero_grad(set_to_none=False)
-    return sum(saved) + trainable * 4  # params + grads + 2 AdamW moments
+    return sum(saved.values()) + trainable * 4  # params + grads + 2 AdamW moments
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,9 @@
     mmbalance make-data synthetic OUT_DIR [--preset P] [--modality name:dim=32,snr=2,encoding=linear ...]
     mmbalance make-data mm-instruct OUT_DIR [--modalities image,audio] [--format sharegpt|llava]
     mmbalance make-data tiny-model {llava,qwen2_vl,qwen2_5_vl,qwen2_audio,all} OUT_DIR
+    mmbalance make-data diagnostic OUT_DIR         (reliance benchmark with ground truth, all formats)
+    mmbalance attribute --model PATH --data PATH  (token-level modality attribution: JSON + HTML + PNG)
+    mmbalance reliance --model PATH --benchmark FILE
     mmbalance methods
 """
 from __future__ import annotations
@@ -21,6 +24,9 @@ import sys
 DELEGATED = {
     ("make-data", "mm-instruct"): "mmbalance_llm.data.mm_synthetic:main",
     ("make-data", "tiny-model"): "mmbalance_llm.models.tiny:main",
+    ("make-data", "diagnostic"): "mmbalance_llm.data.diagnostic:main",
+    ("attribute",): "mmbalance_llm.attribution.cli:attribute_main",
+    ("reliance",): "mmbalance_llm.eval.reliance_cli:reliance_main",
 }
 
 
@@ -140,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("make-data", help="generate datasets: synthetic (features), mm-instruct (images/tones + "
                                          "questions for MLLM fine-tuning), tiny-model (random-weight MLLM twins)")
-    d.add_argument("kind", choices=["synthetic", "mm-instruct", "tiny-model"])
+    d.add_argument("kind", choices=["synthetic", "mm-instruct", "tiny-model", "diagnostic"])
     d.add_argument("out_dir")
     d.add_argument("--preset", default=None, help="av_imbalance | balanced | tri_modal | tokens")
     d.add_argument("--modality", action="append", default=[],
@@ -152,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=None)
     d.set_defaults(func=cmd_make_data)
 
+    sub.add_parser("attribute", help="token-level modality attribution report (see `mmbalance attribute -h`)")
+    sub.add_parser("reliance", help="modality reliance on VLM benchmark files (see `mmbalance reliance -h`)")
     m = sub.add_parser("methods", help="list balancing methods with stage and hyperparameters")
     m.set_defaults(func=cmd_methods)
     return p

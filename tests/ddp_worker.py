@@ -23,6 +23,16 @@ from mmbalance_llm.config import recipe_from_dict  # noqa: E402
 from mmbalance_llm.train.trainer import Trainer  # noqa: E402
 
 
+# Settings that make a 2-epoch run reach each method's mechanism instead of only its warm-up.
+EXERCISE = {
+    "sample_valuation": {"warmup_epochs": 1},
+    "modality_valuation": {"warmup_epochs": 1},
+    "ogm": {"modulation_starts": 0},
+    "relearning": {"reinit_epoch": 1},
+    "gblending": {"super_epoch": 1},
+}
+
+
 def main() -> None:
     data, out, report_path = sys.argv[1:4]
     methods = sys.argv[4].split(",")
@@ -30,6 +40,7 @@ def main() -> None:
     for method in methods:
         try:
             raw = tiny_recipe(data, os.path.join(out, method), method, train={"epochs": 2})
+            raw["balance"].update(EXERCISE.get(method, {}))
             trainer = Trainer(recipe_from_dict(raw))
             final = trainer.fit()
             acc = trainer.accelerator

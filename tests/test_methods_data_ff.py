@@ -260,6 +260,23 @@ def test_zero_strength_is_bit_identical_to_none(tiny_data, run_tiny):
         assert all(torch.equal(w[k], ref[k]) for k in ref), method
 
 
+@pytest.mark.slow
+def test_resume_inside_a_resampled_epoch_matches_the_uninterrupted_run(tiny_data, tmp_path):
+    from mmbalance_llm.config import recipe_from_dict
+    from mmbalance_llm.train.trainer import Trainer
+
+    from conftest import tiny_recipe
+
+    def run(out, **train):
+        raw = tiny_recipe(tiny_data(), str(tmp_path / out), "sample_valuation", train=train)
+        raw["balance"].update(warmup_epochs=1)
+        return Trainer(recipe_from_dict(raw)).fit()
+
+    full = run("full")
+    assert run("cut", max_steps=12) is None  # stops inside epoch 2, which is longer than 8 steps
+    assert run("cut", resume_from="latest") == full
+
+
 E2E = {  # valuation from epoch 0 (so a 1-epoch run re-samples); 1-copy thresholds keep the run short
     "sample_valuation": {"warmup_epochs": 0, "high": 0.45, "low1": -0.2, "low2": -0.6},
     "modality_valuation": {"warmup_epochs": 0, "part_ratio": 0.5},

@@ -104,3 +104,23 @@ def test_register_new_architecture():
     ids = token_modality_ids({"input_ids": torch.tensor([[1, 7, 7, 2]])}, {"model_type": "my_mllm", "audio_token_id": 7})
     assert ids.tolist() == [[0, 3, 3, 0]]
     assert entry.component_of("enc.layers.0.w") == "tower" and entry.component_of("other") is None
+
+
+def test_qwen2_5_omni_thinker_map_on_a_tiny_thinker():
+    import transformers as T
+
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3], "rope_type": "default"})
+    cfg = T.Qwen2_5OmniThinkerConfig(
+        text_config=text,
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0]),
+        audio_config=dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
+                          output_dim=64, max_source_positions=50, n_window=10))
+    model = T.Qwen2_5OmniThinkerForConditionalGeneration(cfg)
+    mmap = get_modality_map(model)
+    assert set(mmap.token_ids(model.config)) == {"image", "video", "audio"}
+    counts = {c: len(component_parameters(model, c)) for c in ("tower", "projector", "language_model")}
+    assert all(counts.values()) and sum(counts.values()) == len(list(model.parameters()))
+    rx = re.compile(mmap.target_modules_regex())
+    assert sum(1 for n, _ in model.named_modules() if rx.fullmatch(n)) == 7 * 2

@@ -103,3 +103,43 @@ def test_shipped_recipes_load(tmp_path):
     for n in names:
         cfg = load_sft_recipe(os.path.join(root, n), ["adapter=lora"])
         assert cfg["adapter"] == "lora" and cfg["task"] == "sft"
+        assert "cross_attention_weight" not in cfg["adapter_config"]  # MokA-only keys dropped for LoRA
+
+
+def test_media_cut_by_truncation_fails_before_training_naming_the_sample(tmp_path):
+    from mmbalance_llm.data.chat import ChatDataError
+
+    cfg = load_sft_recipe(recipe(tmp_path, "llava", "moka", "image", data={"max_length": 8}))
+    with pytest.raises(ChatDataError, match=r"train\.json: sample 0 \(id=train_00000\): truncation to max_length=8 "
+                                            r"would cut media tokens"):
+        run(cfg)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_option_scoring_matches_prompt_only_next_token_logits(tmp_path):
+    """Scoring an option with teacher forcing must give the prompt-only next-token log-prob: MokA's media rows
+    may not see the option being scored (labels keep it out of the question keys)."""
+    import peft
+
+    from mmbalance_llm import MokaConfig
+    from mmbalance_llm.data.chat import ChatCollator, load_conversations
+    from mmbalance_llm.data.mm_synthetic import write_instruction_set
+    from mmbalance_llm.models.tiny import tiny_model_and_processor
+
+    paths = write_instruction_set(tmp_path / "d", ("image",), 4, 1, 1, seed=9)
+    recs = load_conversations(paths["train"])[:2]
+    model, proc = tiny_model_and_processor("llava")
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(model, MokaConfig(init_lora_weights=False)).eval()
+    coll = ChatCollator(proc, model.config)
+    with torch.no_grad():
+        for r in recs:
+            prompt = coll.pad([coll.encode(r, add_answer=False)])
+            prompt.pop("labels")
+            ref = torch.log_softmax(pm(**prompt).logits[0, -1], -1)
+            n = prompt["input_ids"].shape[1]
+            for opt in r["options"]:
+                full = coll.pad([coll.encode(r, answer=opt)])
+                first_tok = full["input_ids"][0, n]
+                got = torch.log_softmax(pm(**full).logits[0, n - 1], -1)[first_tok]
+                assert torch.allclose(got, ref[first_tok], atol=1e-5), opt

@@ -17,19 +17,30 @@ def _register() -> None:
 
 
 class _PeftPostImportFinder(importlib.abc.MetaPathFinder):
-    """Wraps the loader of the top-level ``peft`` package so MokA registers when peft has finished importing."""
+    """Wraps the loader of the top-level ``peft`` package so MokA registers when peft has finished importing.
+
+    It stays installed until peft is really executed: a bare ``importlib.util.find_spec("peft")`` (as
+    transformers' ``is_peft_available`` does) must not use it up."""
+
+    _busy = False  # the inner find_spec below walks sys.meta_path again
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != "peft":
+        if fullname != "peft" or self._busy:
             return None
-        sys.meta_path.remove(self)  # one-shot; also avoids recursion in find_spec below
-        spec = importlib.util.find_spec("peft")
+        self._busy = True
+        try:
+            spec = importlib.util.find_spec("peft")
+        finally:
+            self._busy = False
         if spec is None or spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
+        finder = self
 
         def exec_and_register(module):
             exec_module(module)
+            if finder in sys.meta_path:
+                sys.meta_path.remove(finder)
             try:
                 _register()
             except ImportError as e:  # wrong peft version: say so once, do not break plain peft use

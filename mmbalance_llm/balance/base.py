@@ -107,7 +107,8 @@ class Balancer:
 
     # -- per step -----------------------------------------------------------------------------
     def forward(self, model, batch: dict):
-        return model(**model_inputs(batch, self.ctx.modalities))
+        # Labels let a model return its own `aux_loss` (detached probe heads); fused logits do not use them.
+        return model(**model_inputs(batch, self.ctx.modalities), labels=batch["labels"])
 
     def loss(self, model, batch: dict, outputs) -> tuple[torch.Tensor, dict]:
         return F.cross_entropy(outputs.logits, batch["labels"]), {}

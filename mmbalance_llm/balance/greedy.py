@@ -66,6 +66,7 @@ class Greedy(Balancer):
         if self.config.window_size < 1:
             raise ValueError(f"balance.window_size must be >= 1, got {self.config.window_size}")
         self.curating = None
+        self._step_curating = None
         self.window_left = 0
         self.main: dict = {}
         self.bypass: dict = {}

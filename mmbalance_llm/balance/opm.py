@@ -68,6 +68,13 @@ class OPM(Balancer):
         self._kept = None
         self.last_drop_rates = None
 
+    def setup(self, ctx, model):
+        super().setup(ctx, model)
+        fusion = getattr(ctx.unwrap(model), "fusion", None)
+        if not hasattr(fusion, "unimodal"):
+            raise ValueError("balance.method 'opm' needs a fusion head with split unimodal logits "
+                             "(model.fusion concat or sum)")
+
     def _active(self) -> bool:
         c = self.config
         return c.q_base > 0 and c.modulation_starts <= self.ctx.epoch <= c.modulation_ends

@@ -12,7 +12,7 @@ low2 < c <= low1, 3 if c <= low2 (defaults 0.9 / 0.4 / -0.1, the original code's
 are added to that epoch's data.
 
 Defaults: warmup_epochs = 5 (the original script's warm-up; valuation first runs before epoch 5).
-M > 2: yes (exact Shapley over the 2^M - 1 coalitions, thresholds per modality).
+M > 2: yes (exact Shapley over all 2^M coalitions, thresholds per modality).
 
 Distributed: every rank values its shard of the ordered training data; the table is gathered so all ranks
 build the same copy list, and the sampler shards whole batches so each copy lands on one rank once.

@@ -98,6 +98,16 @@ PRESETS = {
             dict(name="visual", dim=16, snr=2.0, encoding="tokens", informative=1.0, seq_len=16, signal_tokens=2),
         ],
     ),
+    # For attention fusion (RollingQ): 'audio' is loud on 4 of 8 tokens and is learned at once, so the
+    # fusion query locks onto the audio keys; 'visual' is always informative but quieter (2 of 8
+    # tokens), and its encoder is starved of gradient unless the query attends to it.
+    "tokens_capture": dict(
+        description="2 token-sequence modalities [8, 16]: loud 'audio' captures the fusion attention, quiet 'visual'.",
+        modalities=[
+            dict(name="audio", dim=16, snr=4.0, encoding="tokens", informative=0.7, seq_len=8, signal_tokens=4),
+            dict(name="visual", dim=16, snr=2.0, encoding="tokens", informative=1.0, seq_len=8, signal_tokens=2),
+        ],
+    ),
 }
 
 

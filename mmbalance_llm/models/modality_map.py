@@ -116,15 +116,14 @@ register_modality_map(ModalityMap(
     language_model=("model.language_model", "lm_head"),
     token_id_attrs={"audio": ("audio_token_id", "audio_token_index")},
     placeholders={"audio": "<|audio_bos|><|AUDIO|><|audio_eos|>"}))
-# Qwen2.5-Omni's thinker: the map is known (token ids verified in the config); its multimodal forward is not
-# exercised by the tiny twins here, so recipes do not ship for it.
+# Qwen2.5-Omni's thinker: prefixes checked on a tiny Qwen2_5OmniThinkerForConditionalGeneration (transformers
+# 5.24); its multimodal forward is not exercised by the tiny twins, so no recipe ships for it.
 register_modality_map(ModalityMap(
     model_type="qwen2_5_omni_thinker", model_class="Qwen2_5OmniThinkerForConditionalGeneration",
     modalities=("image", "video", "audio"),
-    towers={"image": ("model.visual", "visual"), "video": ("model.visual", "visual"),
-            "audio": ("model.audio_tower", "audio_tower")},
-    projector=("model.visual.merger", "visual.merger", "model.audio_tower.proj", "audio_tower.proj"),
-    language_model=("model.language_model", "model", "lm_head"),
+    towers={"image": ("model.visual",), "video": ("model.visual",), "audio": ("model.audio_tower",)},
+    projector=("model.visual.merger", "model.audio_tower.proj"),
+    language_model=("model.language_model", "lm_head"),
     token_id_attrs={"image": ("image_token_id", "image_token_index"), "video": ("video_token_id", "video_token_index"),
                     "audio": ("audio_token_id", "audio_token_index")},
     placeholders={"image": "<|vision_bos|><|IMAGE|><|vision_eos|>", "audio": "<|audio_bos|><|AUDIO|><|audio_eos|>"}))

@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "data": {
         "train": None, "validation": None, "test": None, "media_root": None, "max_length": 512,
         "media_cache": 0,        # processed media kept in memory by path (small media: set ~ dataset size)
+        "precheck": True,        # encode every sample once before training, so a bad one fails first, by name
         "generate": None,        # {modalities, n_train, n_validation, n_test, seed}: write the synthetic set if missing
     },
     "train": {
@@ -56,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "eval": {"accuracy": "options", "batch_size": 32, "max_new_tokens": 8, "max_samples": None},
 }
+MOKA_ONLY_FIELDS = {"modalities", "cross_attention_weight", "question_after_media"}
 _FREE_FORM = {"adapter_config", "data.generate"}  # sections checked elsewhere (or free-form)
 
 
@@ -144,6 +146,13 @@ def _check_adapter_fields(cfg: dict):
 
     cls = MokaConfig if cfg["adapter"] == "moka" else peft.LoraConfig
     fields = {f.name for f in dataclasses.fields(cls)}
+    if cls is not MokaConfig:
+        # so one recipe switches with adapter=lora: MokA-only fields are dropped, and said so
+        moka_only = sorted(set(cfg["adapter_config"] or {}) & MOKA_ONLY_FIELDS)
+        if moka_only:
+            print(f"[mmbalance] adapter={cfg['adapter']}: ignoring MokA-only adapter_config keys {moka_only}",
+                  file=sys.stderr)
+            cfg["adapter_config"] = {k: v for k, v in cfg["adapter_config"].items() if k not in MOKA_ONLY_FIELDS}
     for k in cfg["adapter_config"] or {}:
         if k not in fields:
             raise RecipeError(f"unknown recipe key 'adapter_config.{k}' for {cls.__name__}{_suggest(k, fields)}")
@@ -224,9 +233,9 @@ def _score_options(model, collator, recs, ecfg, device, dtype) -> list[int]:
     scores = []
     for chunk in _chunks(encs, ecfg["batch_size"]):
         b = _to(collator.pad(chunk), device, dtype)
-        labels = b.pop("labels")
+        # labels go into the forward too: MokA reads them to keep the option tokens out of the question keys
         logits = model(**b).logits[:, :-1].float()
-        tgt = labels[:, 1:]
+        tgt = b["labels"][:, 1:]
         lp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp(min=0)[..., None])[..., 0]
         scores += (lp * (tgt != -100)).sum(1).tolist()
     best = {}
@@ -286,7 +295,13 @@ def run(cfg: dict) -> dict:
     from mmbalance_llm.models.modality_map import component_parameters, get_modality_map, model_class_for
 
     tc = cfg["train"]
-    acc = Accelerator(gradient_accumulation_steps=tc["grad_accum"], mixed_precision=tc["mixed_precision"])
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # a modality absent from a batch (no video in image data, text-only items) leaves its MokA A without
+    # gradient on that step; DDP must be told, or it waits forever for those parameters
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg["adapter"] == "moka")
+    acc = Accelerator(gradient_accumulation_steps=tc["grad_accum"], mixed_precision=tc["mixed_precision"],
+                      kwargs_handlers=[ddp])
     out_dir = Path(_resolve(cfg, cfg["output_dir"]))
     if acc.is_main_process:
         prepare_assets(cfg)
@@ -328,17 +343,21 @@ def run(cfg: dict) -> dict:
             if s in splits:
                 splits[s] = splits[s][: cfg["eval"]["max_samples"]]
     collator = ChatCollator(processor, model.config, max_length=d["max_length"], media_cache_size=d["media_cache"])
-    for i, r in enumerate(splits["train"]):  # fail on a bad sample before training, naming it
-        collator.encode(r, where=f"{d['train']}: sample {i} (id={r['id']})")
+    if d["precheck"]:  # fail on a bad sample (e.g. media cut by max_length) before training, naming it
+        for s_name, recs in splits.items():
+            for i, r in enumerate(recs):
+                collator.encode(r, where=f"{d[s_name]}: sample {i} (id={r['id']})")
     loader = torch.utils.data.DataLoader(splits["train"], batch_size=tc["batch_size"], shuffle=True,
                                          collate_fn=collator, num_workers=tc["num_workers"])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
-    steps_per_epoch = math.ceil(len(loader) / tc["grad_accum"])
+    model, opt, loader = acc.prepare(model, opt, loader)
+    steps_per_epoch = math.ceil(len(loader) / tc["grad_accum"])  # per process, after sharding
     total = tc["max_steps"] or steps_per_epoch * tc["epochs"]
-    sched = get_scheduler(tc["scheduler"], opt, num_warmup_steps=int(tc["warmup_ratio"] * total),
-                          num_training_steps=total)
-    model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
+    # accelerate steps a prepared scheduler once per process each optimizer step, hence the factor
+    n = acc.num_processes
+    sched = acc.prepare(get_scheduler(tc["scheduler"], opt, num_warmup_steps=int(tc["warmup_ratio"] * total) * n,
+                                      num_training_steps=total * n))
 
     log_path = out_dir / "metrics.jsonl"
     if acc.is_main_process:

@@ -106,6 +106,10 @@ class Trainer:
         with acc.accumulate(self.model):
             outputs = self.balancer.forward(self.model, batch)
             loss, logs = self.balancer.loss(self.model, batch, outputs)
+            aux = getattr(outputs, "aux_loss", None)
+            if aux is not None:  # the model's own auxiliary objective (e.g. detached probes), under every method
+                loss = loss + aux
+                logs = {**logs, "aux_loss": aux.item()}
             acc.backward(loss)
             if acc.sync_gradients:
                 self.balancer.after_backward(self.model, self.state["global_step"])
@@ -194,6 +198,7 @@ class Trainer:
                 self.balancer.on_epoch_start(model, epoch)
             loader = self.balancer.train_loader(epoch) or self.train_loader
             loader.set_epoch(epoch)  # a new, seeded order every epoch, identical after a resume
+            epoch_batches = len(loader)  # a data-stage method's loader may be longer than the default one
             if resuming_mid_epoch:
                 loader = acc.skip_first_batches(loader, self.state["batches_done"])
             if self.balancer.train_epoch is not None:
@@ -203,7 +208,7 @@ class Trainer:
                     self.training_step(batch)
                     if self._stop_requested():
                         break
-            if self._stop_requested() and self.state["batches_done"] < len(self.train_loader):
+            if self._stop_requested() and self.state["batches_done"] < epoch_batches:
                 stopped = True
                 break
             self.balancer.on_epoch_end(model, epoch)
@@ -245,6 +250,11 @@ class Trainer:
 
                 plot_run(self.logger.path, os.path.join(self.output_dir, "curves.png"),
                          title=f"{self.balancer.name}: validation accuracy")
+                if "attention" in (self.state["best_validation"] or {}):  # models with attention diagnostics
+                    from mmbalance_llm.eval.attention_plots import plot_run_attention
+
+                    plot_run_attention(self.logger.path, os.path.join(self.output_dir, "attention.png"),
+                                       title=f"{self.balancer.name}: fusion-query attention")
         self.logger.close()
         acc.wait_for_everyone()
         return final

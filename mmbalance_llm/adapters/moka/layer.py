@@ -80,8 +80,10 @@ class MokaLinear(LoraLinear):
                 continue
             own.add(mid)
             is_m = ctx.row_mask(mid, h_text.dtype)
-            # x * mask as in the paper: A_m only ever sees (and gets gradient from) its own modality's tokens
-            h_m = getattr(self, f"lora_moka_A_{m}")[adapter](xd * is_m)
+            # A_m(x * m) as in the paper, written as A_m(x) * m (equal for a bias-free A and a row mask): A_m still
+            # only sees, and gets gradient from, its own modality's rows, but autograd reuses the x it already
+            # saved for A_text instead of saving a masked copy per modality (activation memory stays near LoRA's)
+            h_m = getattr(self, f"lora_moka_A_{m}")[adapter](xd) * is_m
             if w:
                 h_m = h_m + w * is_m * cross_attend(h_m, h_text, cross[mid], self.r[adapter])
             h = h * (1 - is_m) + h_m
