@@ -6,7 +6,9 @@ Stage: optimization (it reorganises the epoch through the `train_epoch` hook; th
 The learners are the split-head logits f_m = W[:, S_m] h_m + b/M (encoder m and its head columns), so the
 ensemble sum_m f_m is exactly the fused logits z the model predicts with. One trainer epoch is one boosting
 round on learner m = modalities[epoch mod M] (pre = the learner updated in the previous round):
-- stage 1 (`t_epochs` passes over the training data), only learner m moves:
+- stage 1 (`t_epochs` passes over the training data), only learner m gets gradient (the other encoders
+  get none and stay fixed; their columns of the one head matrix get a zero gradient, which AdamW's
+  momentum and weight decay still move a little; per-stage optimizers would be needed to freeze them):
   L = mean_i (w1 - w2 q_i[y_i]) (-log p_m,i[y_i]) / C  +  alpha * MSE(p_m, p_pre)
   with p = softmax(f), q = softmax(boost_rate * sum_{k != m} f_k) (no gradient): samples the other learners
   already get right weigh less, as in gradient boosting. The reconcilement term carries gradient into
