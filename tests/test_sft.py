@@ -11,11 +11,11 @@ yaml = pytest.importorskip("yaml")
 import mmbalance_llm  # noqa: E402,F401
 from mmbalance_llm.train.sft import RecipeError, load_sft_recipe, main, run  # noqa: E402
 
-CASES = [  # (family, adapter, media modality)
-    ("llava", "moka", "image"),
-    ("llava", "lora", "image"),
-    ("qwen2_vl", "moka", "image"),
-    ("qwen2_audio", "moka", "audio"),
+CASES = [  # (family, adapter, media modality, answer accuracy by)
+    ("llava", "moka", "image", "options"),
+    ("llava", "lora", "image", "generate"),
+    ("qwen2_vl", "moka", "image", "generate"),
+    ("qwen2_audio", "moka", "audio", "options"),
 ]
 
 
@@ -36,12 +36,12 @@ def recipe(tmp, fam, adapter, mod, **over):
     return r
 
 
-@pytest.mark.parametrize("fam, adapter, mod", CASES)
-def test_sft_runs_and_saves_a_reloadable_adapter(tmp_path, fam, adapter, mod):
+@pytest.mark.parametrize("fam, adapter, mod, accuracy", CASES)
+def test_sft_runs_and_saves_a_reloadable_adapter(tmp_path, fam, adapter, mod, accuracy):
     import peft
     from safetensors.torch import load_file
 
-    cfg = load_sft_recipe(recipe(tmp_path, fam, adapter, mod))
+    cfg = load_sft_recipe(recipe(tmp_path, fam, adapter, mod, eval={"accuracy": accuracy, "max_new_tokens": 3}))
     final = run(cfg)
     out = tmp_path / "out"
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
