@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from mmbalance_llm.balance import register
-from mmbalance_llm.balance._objective import allreduce_mean_, flatten
+from mmbalance_llm.balance._objective import allreduce_mean_, flatten, reject_zero3
 from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp, model_inputs
 
 
@@ -87,6 +87,10 @@ class LFM(Balancer):
             raise ValueError(f"balance.val_fraction must be in (0, 1], got {c.val_fraction}")
         self.alpha1 = float(c.alpha_init)
         self.lr_alpha = float(c.lr_alpha)
+
+    def setup(self, ctx, model):
+        super().setup(ctx, model)
+        reject_zero3(ctx, self.name, "takes validation gradients w.r.t. all parameters")
 
     def _first_batch(self, name):
         loader = self.ctx.loaders[name]

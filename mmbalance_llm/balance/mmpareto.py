@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from mmbalance_llm.balance import register
 from mmbalance_llm.balance._objective import (
-    allreduce_mean_, flatten, linear_surrogate, pareto_weights, unflatten,
+    allreduce_mean_, flatten, linear_surrogate, pareto_weights, reject_zero3, unflatten,
 )
 from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 
@@ -100,6 +100,8 @@ class MMPareto(Balancer):
 
     def setup(self, ctx, model):
         super().setup(ctx, model)
+        if self.config.gradient_space == "parameter":
+            reject_zero3(ctx, self.name, "with gradient_space 'parameter' differentiates w.r.t. the encoder parameters")
         unwrapped = ctx.unwrap(model)
         self._params = {m: [p for _, p in unwrapped.modality_parameters(m) if p.requires_grad] for m in ctx.modalities}
 
