@@ -232,8 +232,10 @@ def test_lfm_js_and_hypergradient_match_finite_differences():
 
     model = tiny_model(seed=5)
     val, train = batch_for(model, n=16, seed=7), batch_for(model, n=8, seed=8)
-    bal = get_method("lfm", val_fraction=0.5, lr_alpha=1.0)
-    bal.setup(stub_ctx(model, loaders={"validation": [val], "train_eval": [train]}), model)
+    bal = get_method("lfm", val_samples=8, train_samples=8, lr_alpha=1.0)
+    rows = lambda b: [{k: v[i] for k, v in b.items()} for i in range(len(b["labels"]))]  # noqa: E731
+    loaders = {"validation": SimpleNamespace(dataset=rows(val)), "train_eval": SimpleNamespace(dataset=rows(train))}
+    bal.setup(stub_ctx(model, loaders=loaders), model)
     h = bal.hypergradient(model)
     # <g_val, g_JS - g_CE> is the directional derivative of L_val along grad(JS - CE)
     params = list(model.parameters())

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from mmbalance_llm.balance import register
-from mmbalance_llm.balance._objective import accumulate_grads
+from mmbalance_llm.balance._objective import accumulate_grads, reject_zero3
 from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 
 FUSED = "__fused__"
@@ -90,6 +90,10 @@ class GBlending(Balancer):
         if self.config.super_epoch < 1:
             raise ValueError(f"balance.super_epoch must be >= 1, got {self.config.super_epoch}")
         self.weights = None
+
+    def setup(self, ctx, model):
+        super().setup(ctx, model)
+        reject_zero3(ctx, self.name, "trains full copies of the model")
 
     # -- estimation ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -15,14 +15,15 @@ first-order hypergradient is dL_val(theta')/d alpha_1 ~= -eta <grad L_cls^val, g
 
     alpha_1 <- clip(alpha_1 + lr_alpha * <g_val, g_JS - g_CE>, 0.05, 0.95)
 
-with g_val = grad of CE on a fixed validation batch (a quarter of the first validation batch, as the
-reference) and g_JS, g_CE on the first (ordered) training batch; the learning rate eta is folded into
-lr_alpha, which halves every 20 epochs. The update reads the validation split, never test.
+with g_val = grad of CE on a fixed validation batch (the first `val_samples` = 64 validation samples; the
+reference uses a quarter of its first validation batch) and g_JS, g_CE on the first `train_samples` = 64
+training samples; the learning rate eta is folded into lr_alpha, which halves every 20 epochs. The update
+reads the validation split, never test.
 
 Defaults: alpha = (0.95, 0.05) at start, lr_alpha = 1e-4 (reference toolkit), clip [0.05, 0.95].
 
-Distributed: the gradient vectors of the hypergradient are averaged over processes before the inner
-product, so every rank applies the same alpha.
+Distributed: the fixed batches are read from the datasets (the same samples on every rank) and the
+gradient vectors are averaged over processes before the inner product, so every rank applies the same alpha.
 
 M > 2: supported (JS over all pairs).
 
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from mmbalance_llm.balance import register
-from mmbalance_llm.balance._objective import allreduce_mean_, flatten
+from mmbalance_llm.balance._objective import allreduce_mean_, flatten, reject_zero3
 from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp, model_inputs
 
 
@@ -51,7 +52,8 @@ class LFMConfig(BalancerConfig):
     lr_decay_epochs: int = hp(20, "Halve lr_alpha every this many epochs.")
     alpha_min: float = hp(0.05, "Lower clip of alpha_1.")
     alpha_max: float = hp(0.95, "Upper clip of alpha_1.")
-    val_fraction: float = hp(0.25, "Fraction of the first validation batch used for the hypergradient.")
+    val_samples: int = hp(64, "The first this many validation samples form the fixed hypergradient batch.")
+    train_samples: int = hp(64, "The first this many training samples give the training-loss gradients.")
 
 
 def js_divergence(za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
@@ -83,14 +85,24 @@ class LFM(Balancer):
         c = self.config
         if not 0 <= c.alpha_min <= c.alpha_init <= c.alpha_max <= 1:
             raise ValueError("balance.alpha_init must lie in [alpha_min, alpha_max] within [0, 1]")
-        if not 0 < c.val_fraction <= 1:
-            raise ValueError(f"balance.val_fraction must be in (0, 1], got {c.val_fraction}")
+        if c.val_samples < 1 or c.train_samples < 1:
+            raise ValueError("balance.val_samples and balance.train_samples must be >= 1")
         self.alpha1 = float(c.alpha_init)
         self.lr_alpha = float(c.lr_alpha)
 
-    def _first_batch(self, name):
-        loader = self.ctx.loaders[name]
-        return next(iter(loader))
+    def setup(self, ctx, model):
+        super().setup(ctx, model)
+        reject_zero3(ctx, self.name, "takes validation gradients w.r.t. all parameters")
+
+    def _fixed_batch(self, name, size):
+        """The first `size` samples of a split, read from the dataset itself: identical on every rank and
+        without leaving a prepared loader half-iterated."""
+        from mmbalance_llm.data.features import collate
+
+        ds = self.ctx.loaders[name].dataset
+        batch = collate([ds[i] for i in range(min(size, len(ds)))])
+        device = self.ctx.accelerator.device
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def hypergradient(self, model) -> float:
         """<g_val, g_JS - g_CE> averaged over processes (see the module docstring)."""
@@ -100,11 +112,10 @@ class LFM(Balancer):
         was_training = unwrapped.training
         unwrapped.eval()  # no dropout noise in the statistic
         try:
-            val = self._first_batch("validation")
-            n = max(1, int(len(val["labels"]) * self.config.val_fraction))
-            out = unwrapped(**{m: val[m][:n] for m in mods})
-            g_val = torch.autograd.grad(F.cross_entropy(out.logits, val["labels"][:n]), params, allow_unused=True)
-            train = self._first_batch("train_eval")
+            val = self._fixed_batch("validation", self.config.val_samples)
+            out = unwrapped(**model_inputs(val, mods))
+            g_val = torch.autograd.grad(F.cross_entropy(out.logits, val["labels"]), params, allow_unused=True)
+            train = self._fixed_batch("train_eval", self.config.train_samples)
             out = unwrapped(**model_inputs(train, mods))
             g_ce = torch.autograd.grad(F.cross_entropy(out.logits, train["labels"]), params, retain_graph=True,
                                        allow_unused=True)

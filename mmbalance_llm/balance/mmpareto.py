@@ -23,11 +23,13 @@ passes, cheap). Then
   test, the MGDA weights and the rescale are computed on these parameter gradients exactly as in the
   paper. The combined gradient enters p.grad through a zero-valued linear surrogate term, so the
   trainer's single `accelerator.backward` still runs (DDP all-reduces it) and only walks the head.
-  Measured about 1.45-1.6x the baseline step (docs/objective.md).
-- `gradient_space: feature` (approximate, cheaper, ~1.1x): the cosine test, the MGDA weights and the
-  rescale are computed on the cotangents c_mm^m, c_m (the gradients w.r.t. h_m of the whole batch), and
-  the combined cotangent is pushed through the encoder with one backward. This equals the paper's rule
-  only when J_m J_m^T is proportional to the identity on the cotangent span (the rescale is per encoder). docs/objective.md reports how often its conflict decision agrees with the exact one.
+  Cost ~ (F + 2B) / (F + B): measured 1.76-1.87x the baseline step with Transformer encoders on CPU
+  (docs/objective.md), over the 1.6x target; no exact variant needs fewer encoder passes.
+- `gradient_space: feature` (approximate, cheaper, 1.01-1.04x with Transformer encoders): the cosine
+  test, the MGDA weights and the rescale are computed on the cotangents c_mm^m, c_m (the gradients
+  w.r.t. h_m of the whole batch), and the combined cotangent is pushed through the encoder with one
+  backward. This equals the paper's rule only when J_m J_m^T is proportional to the identity on the
+  cotangent span (the rescale is per encoder). docs/objective.md reports how the two agree on real runs.
 
 Distributed: in parameter mode the flat g_mm, g_m are averaged over processes before the rule, so every
 rank applies the same combined gradient (that of the global batch); in feature mode the per-modality Gram
@@ -35,7 +37,7 @@ entries are summed over processes (inner products over a batch split across rank
 
 M > 2: supported; the rule acts per modality on its (g_mm, g_m) pair, as in the paper.
 
-Differences from the reference toolkit (BalanceBenchmark), on purpose, following the paper:
+Differences from the original code and the reference toolkit (BalanceBenchmark), on purpose:
 - the original code rescales each parameter tensor by its own factor; that changes the direction of the
   encoder's update and can make it conflict with g_mm or g_m again (the tests construct such a case), so
   the default rescales the whole encoder gradient by one factor; `rescale: tensor` reproduces the code;
@@ -53,7 +55,7 @@ import torch.nn.functional as F
 
 from mmbalance_llm.balance import register
 from mmbalance_llm.balance._objective import (
-    allreduce_mean_, flatten, linear_surrogate, pareto_weights, unflatten,
+    allreduce_mean_, flatten, linear_surrogate, pareto_weights, reject_zero3, unflatten,
 )
 from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 
@@ -100,6 +102,8 @@ class MMPareto(Balancer):
 
     def setup(self, ctx, model):
         super().setup(ctx, model)
+        if self.config.gradient_space == "parameter":
+            reject_zero3(ctx, self.name, "with gradient_space 'parameter' differentiates w.r.t. the encoder parameters")
         unwrapped = ctx.unwrap(model)
         self._params = {m: [p for _, p in unwrapped.modality_parameters(m) if p.requires_grad] for m in ctx.modalities}
 
