@@ -78,12 +78,20 @@ def run_compare(output_dir: str, methods=DEFAULT_METHODS, seeds=(0,), recipe_pat
                 data_path: str | None = None, preset: str = "av_imbalance", alone: bool = True,
                 overrides: list | None = None, method_params: dict | None = None, echo=print) -> dict:
     from mmbalance_llm.data.synthetic import ensure_preset
+    from mmbalance_llm.train.setup import check_launch, process_state
     from mmbalance_llm.train.trainer import Trainer
+
+    state = process_state()  # joins the launcher's process group when run under `accelerate launch`
+    check_launch(state)
+    main = state.is_main_process
+    if not main:
+        echo = lambda *_: None  # noqa: E731  (one report, from the main process)
 
     base = read_yaml(recipe_path) if recipe_path else json.loads(json.dumps(DEFAULT_RECIPE))
     base = apply_overrides(base, overrides or [])
     if data_path is None and not (base.get("data") or {}).get("path"):
-        data_path = ensure_preset(os.path.join(output_dir, "data", preset), preset=preset)
+        with state.main_process_first():  # one process writes the data, the others then read it
+            data_path = ensure_preset(os.path.join(output_dir, "data", preset), preset=preset)
     if data_path is not None:
         base.setdefault("data", {})["path"] = data_path
     os.makedirs(output_dir, exist_ok=True)
@@ -118,7 +126,23 @@ def run_compare(output_dir: str, methods=DEFAULT_METHODS, seeds=(0,), recipe_pat
     rows = summarise(results, modalities)
     table = markdown_table(rows, modalities, alone_rows)
     summary = {"modalities": modalities, "seeds": list(seeds), "rows": rows, "alone": alone_rows,
-               "runs": {k: [r["output_dir"] for r in v] for k, v in results.items()}}
+               "runs": {k: [r["output_dir"] for r in v] for k, v in results.items()},
+               "world_size": state.num_processes}
+    if main:
+        from mmbalance_llm.eval.plots import plot_compare_curves, plot_pareto
+
+        write_json_atomic(os.path.join(output_dir, "compare.json"), summary)
+        write_text_atomic(os.path.join(output_dir, "compare.md"), table)
+        plot_compare_curves({k: os.path.join(v[0]["output_dir"], "metrics.jsonl") for k, v in results.items()},
+                            os.path.join(output_dir, "curves.png"), modalities, alone_rows)
+        plot_pareto({k: r for k, r in rows.items() if r["imbalance"] is not None},
+                    os.path.join(output_dir, "pareto.png"))
+        echo("\n" + table)
+        echo(f"[compare] wrote {output_dir}/compare.md, compare.json, curves.png, pareto.png")
+    state.wait_for_everyone()
+    summary["results"] = results
+    return summary
+    summary.pop("results")
     write_json_atomic(os.path.join(output_dir, "compare.json"), summary)
     write_text_atomic(os.path.join(output_dir, "compare.md"), table)
 

@@ -63,3 +63,17 @@ def test_deepspeed_zero2_on_cpu(tiny_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["world_size"] == 2 and final["distributed_type"] == "DEEPSPEED"
+
+
+def test_compare_under_two_processes_writes_one_report(tiny_data, tmp_path):
+    out = tmp_path / "cmp"
+    proc = launch(["--config_file", "accelerate_configs/ddp_cpu_2proc.yaml", "-m", "mmbalance_llm", "compare",
+                   "--data", tiny_data(), "--output-dir", str(out), "--methods", "none,mmpareto", "--no-alone",
+                   "train.epochs=1", "train.progress=false"], {"ACCELERATE_USE_CPU": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["world_size"] == 2 and set(summary["rows"]) == {"none", "mmpareto"}
+    assert proc.stdout.count("| mmpareto |") == 1  # one report, from the main process
+    for run in ("none-seed0", "mmpareto-seed0"):
+        final = json.loads((out / "runs" / run / "final_metrics.json").read_text())
+        assert final["world_size"] == 2 and final["distributed_type"] == "MULTI_CPU"

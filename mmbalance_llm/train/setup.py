@@ -33,13 +33,29 @@ def make_accelerator(train_cfg, find_unused_parameters: bool = False):
         kwargs_handlers=handlers,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    check_launch(accelerator)
+    return accelerator
+
+
+def process_state():
+    """Accelerate's PartialState with the same CPU / gloo choices as `make_accelerator`, for work that
+    runs before (or around) a Trainer, e.g. preparing data once in `mmbalance compare`."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    kwargs = {"backend": "gloo"} if not torch.cuda.is_available() and launched_world_size() > 1 else {}
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **kwargs)
+
+
+def check_launch(state) -> None:
+    """Refuse to run when the launcher started several processes that are not joined in a process group.
+
+    Seen on CPU: `--multi_gpu` without ACCELERATE_USE_CPU=true reports num_processes=2 but type NO, with
+    no process group, so every process would silently train alone on all the data."""
     n = launched_world_size()
-    # Seen on CPU: `--multi_gpu` without ACCELERATE_USE_CPU=true reports num_processes=2 but type NO,
-    # with no process group, so every process would silently train alone on all the data.
-    if n > 1 and (accelerator.num_processes == 1 or accelerator.distributed_type.name == "NO"
+    if n > 1 and (state.num_processes == 1 or state.distributed_type.name == "NO"
                   or not torch.distributed.is_initialized()):
         raise RuntimeError(LAUNCH_HELP.format(n=n))
-    return accelerator
 
 
 def make_optimizer(model, cfg):
