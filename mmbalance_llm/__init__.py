@@ -18,6 +18,13 @@ _LAZY = {
     "available_methods": "mmbalance_llm.balance",
 }
 
+# MokA (issue 6): public names, and registration with peft on the first `import peft` (no eager torch import).
+_LAZY.update({"MokaConfig": "mmbalance_llm.adapters.moka", "MokaModel": "mmbalance_llm.adapters.moka",
+              "load_moka": "mmbalance_llm.adapters.moka"})
+from mmbalance_llm.adapters import install_peft_registration as _install_peft_registration  # noqa: E402
+
+_install_peft_registration()
+
 
 def __getattr__(name):
     if name in _LAZY:

@@ -4,14 +4,38 @@
     mmbalance compare [--recipe R] [--methods a,b] [--seeds 0,1,2] [--preset P] [--data PATH] [key=value ...]
     mmbalance eval MODEL_DIR --data PATH [--split test]
     mmbalance make-data synthetic OUT_DIR [--preset P] [--modality name:dim=32,snr=2,encoding=linear ...]
+    mmbalance make-data mm-instruct OUT_DIR [--modalities image,audio] [--format sharegpt|llava]
+    mmbalance make-data tiny-model {llava,qwen2_vl,qwen2_5_vl,qwen2_audio,all} OUT_DIR
+    mmbalance make-data diagnostic OUT_DIR         (reliance benchmark with ground truth, all formats)
+    mmbalance attribute --model PATH --data PATH  (token-level modality attribution: JSON + HTML + PNG)
+    mmbalance reliance --model PATH --benchmark FILE
     mmbalance methods
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
+
+
+# Commands whose own module parses the rest of the command line: (words) -> "module:function(argv)".
+DELEGATED = {
+    ("make-data", "mm-instruct"): "mmbalance_llm.data.mm_synthetic:main",
+    ("make-data", "tiny-model"): "mmbalance_llm.models.tiny:main",
+    ("make-data", "diagnostic"): "mmbalance_llm.data.diagnostic:main",
+    ("attribute",): "mmbalance_llm.attribution.cli:attribute_main",
+    ("reliance",): "mmbalance_llm.eval.reliance_cli:reliance_main",
+}
+
+
+def _delegate(argv: list):
+    for words, target in sorted(DELEGATED.items(), key=lambda kv: -len(kv[0])):
+        if tuple(argv[: len(words)]) == words:
+            module, func = target.split(":")
+            return getattr(importlib.import_module(module), func), argv[len(words):]
+    return None, None
 
 
 def _env_defaults() -> None:
@@ -120,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="also write the metrics to this JSON file")
     e.set_defaults(func=cmd_eval)
 
-    d = sub.add_parser("make-data", help="generate datasets")
-    d.add_argument("kind", choices=["synthetic"])
+    d = sub.add_parser("make-data", help="generate datasets: synthetic (features), mm-instruct (images/tones + "
+                                         "questions for MLLM fine-tuning), tiny-model (random-weight MLLM twins)")
+    d.add_argument("kind", choices=["synthetic", "mm-instruct", "tiny-model", "diagnostic"])
     d.add_argument("out_dir")
     d.add_argument("--preset", default=None, help="av_imbalance | balanced | tri_modal | tokens")
     d.add_argument("--modality", action="append", default=[],
@@ -133,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=None)
     d.set_defaults(func=cmd_make_data)
 
+    sub.add_parser("attribute", help="token-level modality attribution report (see `mmbalance attribute -h`)")
+    sub.add_parser("reliance", help="modality reliance on VLM benchmark files (see `mmbalance reliance -h`)")
     m = sub.add_parser("methods", help="list balancing methods with stage and hyperparameters")
     m.set_defaults(func=cmd_methods)
     return p
@@ -140,13 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     _env_defaults()
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     from mmbalance_llm.config import RecipeError
     from mmbalance_llm.data.features import DataError
 
+    func, rest = _delegate(argv)
+    if func is None:
+        args = build_parser().parse_args(argv)
+        func, rest = args.func, args
     try:
-        return args.func(args)
-    except (RecipeError, DataError, FileNotFoundError) as exc:
+        return func(rest)
+    except (RecipeError, DataError, FileNotFoundError, RuntimeError) as exc:
         print(f"mmbalance: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # bad hyperparameters / model settings: one line, no traceback

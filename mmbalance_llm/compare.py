@@ -22,7 +22,7 @@ DEFAULT_RECIPE = {
     "model": {"encoder": "default", "feature_dim": 64, "hidden_dim": 128, "num_layers": 2, "fusion": "concat"},
     "data": {"path": None},
     "train": {"epochs": 15, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.01, "optimizer": "adamw",
-              "seed": 0, "progress": False},
+              "seed": 0},
     "balance": {"method": "none"},
 }
 
@@ -125,7 +125,7 @@ def run_compare(output_dir: str, methods=DEFAULT_METHODS, seeds=(0,), recipe_pat
     from mmbalance_llm.eval.plots import plot_compare_curves, plot_pareto
 
     plot_compare_curves({k: os.path.join(v[0]["output_dir"], "metrics.jsonl") for k, v in results.items()},
-                        os.path.join(output_dir, "curves.png"), modalities)
+                        os.path.join(output_dir, "curves.png"), modalities, alone_rows)
     plot_pareto({k: r for k, r in rows.items() if r["imbalance"] is not None}, os.path.join(output_dir, "pareto.png"))
     echo("\n" + table)
     echo(f"[compare] wrote {output_dir}/compare.md, compare.json, curves.png, pareto.png")

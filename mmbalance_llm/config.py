@@ -140,7 +140,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise RecipeError(f"override '{text}' has an empty key part")
     try:
-        parsed = yaml.safe_load(value) if value != "" else ""
+        parsed = as_number(yaml.safe_load(value)) if value != "" else ""
     except yaml.YAMLError as exc:
         raise RecipeError(f"override '{text}': value is not valid YAML ({exc.problem})") from None
     return key.split("."), parsed
@@ -161,6 +161,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def as_number(value):
+    """YAML 1.1 reads `3e-4` as a string; accept numeric strings where a number is expected."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _coerce(where: str, value, f: dataclasses.Field):
     """Light type checking so that `train.epochs=abc` fails here rather than deep in the trainer."""
     default = f.default if f.default is not dataclasses.MISSING else None
@@ -173,6 +183,7 @@ def _coerce(where: str, value, f: dataclasses.Field):
         if isinstance(value, bool) or not isinstance(value, int):
             raise RecipeError(f"recipe key '{where}' must be an integer, got {value!r}")
     elif isinstance(default, float):
+        value = as_number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"recipe key '{where}' must be a number, got {value!r}")
         value = float(value)

@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-TINY_SIZES = dict(train_size=256, validation_size=128, test_size=128)
+TINY_SIZES = dict(train_size=256, validation_size=128, test_size=128, num_classes=4)
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +37,7 @@ def tiny_recipe(data_path: str, output_dir: str, method: str = "none", **section
     raw = {
         "model": {"feature_dim": 16, "hidden_dim": 32, "num_layers": 1},
         "data": {"path": data_path},
-        "train": {"epochs": 2, "batch_size": 32, "eval_batch_size": 128, "seed": 0, "progress": False,
+        "train": {"epochs": 2, "batch_size": 32, "eval_batch_size": 128, "lr": 3e-3, "seed": 0, "progress": False,
                   "plots": False},
         "balance": {"method": method},
         "output_dir": output_dir,

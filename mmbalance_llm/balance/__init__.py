@@ -49,13 +49,24 @@ def method_class(name: str):
 
 
 def _make_config(cls, hparams: dict):
-    valid = {f.name for f in dataclasses.fields(cls.config_class)}
+    fields = {f.name: f for f in dataclasses.fields(cls.config_class)}
+    valid = set(fields)
+    hparams = dict(hparams)
     for key in hparams:
         if key not in valid:
             match = difflib.get_close_matches(key, list(valid), n=1)
             hint = f" (did you mean '{match[0]}'?)" if match else (
                 f" (valid: {', '.join(sorted(valid))})" if valid else " (this method has no hyperparameters)")
             raise ValueError(f"unknown hyperparameter 'balance.{key}' for method '{cls.name}'{hint}")
+        default = fields[key].default
+        if isinstance(default, float) and isinstance(hparams[key], str):
+            from mmbalance_llm.config import as_number
+
+            hparams[key] = as_number(hparams[key])
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                isinstance(hparams[key], bool) or not isinstance(hparams[key], (int, float))):
+            raise ValueError(f"hyperparameter 'balance.{key}' of method '{cls.name}' must be a number, "
+                             f"got {hparams[key]!r}")
     return cls.config_class(**hparams)
 
 

@@ -98,6 +98,16 @@ PRESETS = {
             dict(name="visual", dim=16, snr=2.0, encoding="tokens", informative=1.0, seq_len=16, signal_tokens=2),
         ],
     ),
+    # For attention fusion (RollingQ): 'audio' is loud on 4 of 8 tokens and is learned at once, so the
+    # fusion query locks onto the audio keys; 'visual' is always informative but quieter (2 of 8
+    # tokens), and its encoder is starved of gradient unless the query attends to it.
+    "tokens_capture": dict(
+        description="2 token-sequence modalities [8, 16]: loud 'audio' captures the fusion attention, quiet 'visual'.",
+        modalities=[
+            dict(name="audio", dim=16, snr=4.0, encoding="tokens", informative=0.7, seq_len=8, signal_tokens=4),
+            dict(name="visual", dim=16, snr=2.0, encoding="tokens", informative=1.0, seq_len=8, signal_tokens=2),
+        ],
+    ),
 }
 
 
@@ -162,9 +172,17 @@ def to_dataset_dict(splits: dict, spec: SyntheticSpec):
 
 def write_synthetic(out_dir: str, spec: SyntheticSpec) -> str:
     """Generate `spec` and save it to `out_dir` (DatasetDict + card.json). Returns out_dir."""
+    import datasets
+
     ds = to_dataset_dict(generate(spec), spec)
     os.makedirs(out_dir, exist_ok=True)
-    ds.save_to_disk(out_dir)
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # three per-split "Saving the dataset" bars say nothing useful here
+    try:
+        ds.save_to_disk(out_dir)
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
     card = dataclasses.asdict(spec)
     card["columns"] = [m.name for m in spec.modalities] + ["label"]
     with open(os.path.join(out_dir, "card.json"), "w", encoding="utf-8") as fh:

@@ -13,16 +13,51 @@ import torch.nn.functional as F
 from mmbalance_llm.eval.metrics import accuracy, accuracy_ratio, imbalance, macro_f1, shapley_values, subsets
 
 
+class recording:
+    """Model diagnostics hook: a model that defines `reset_diagnostics()`, `diagnostic_sums()` (a dict of
+    sum tensors) and `summarize_diagnostics(sums) -> dict` and has a `recording_diagnostics` flag
+    accumulates statistics (e.g. attention shares) during the forward passes made inside this context.
+    Sums are reduced over processes, so every rank sees the same summary. Other models: a no-op."""
+
+    def __init__(self, model, accelerator, enabled: bool = True):
+        self.core = accelerator.unwrap_model(model)
+        self.accelerator = accelerator
+        self.enabled = enabled and hasattr(self.core, "diagnostic_sums")
+        if self.enabled:
+            self.core.reset_diagnostics()
+
+    def __enter__(self):
+        if self.enabled:
+            self.core.recording_diagnostics = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.core.recording_diagnostics = False
+
+    def sums(self) -> dict:
+        sums = self.core.diagnostic_sums()
+        if self.accelerator.num_processes > 1:
+            sums = {k: self.accelerator.reduce(v.detach().clone(), reduction="sum") for k, v in sums.items()}
+        return sums
+
+    def summary(self) -> dict | None:
+        return self.core.summarize_diagnostics(self.sums()) if self.enabled else None
+
+
 @torch.no_grad()
-def collect(model, loader, accelerator, modalities, keep_sets=(), want_features=False):
+def collect(model, loader, accelerator, modalities, keep_sets=(), want_features=False, diagnostics=False):
     """One pass over `loader`: gathered labels, fused logits, unimodal logits (if any), features (if
-    asked) and, for each subset in `keep_sets`, the fused predictions with the other inputs zeroed."""
+    asked) and, for each subset in `keep_sets`, the fused predictions with the other inputs zeroed.
+    With `diagnostics`, a model's own diagnostics (see `recording`) of the full-input passes."""
     was_training = model.training
     model.eval()
     out = {"labels": [], "logits": [], "unimodal": {}, "features": {}, "subset_preds": {s: [] for s in keep_sets}}
+    rec = recording(model, accelerator, enabled=diagnostics)
     for batch in loader:
         inputs = {m: batch[m] for m in modalities}
-        res = model(**inputs)
+        with rec:
+            res = model(**inputs)
         chunk = {"labels": batch["labels"], "logits": res.logits.float()}
         if res.unimodal_logits is not None:
             chunk["unimodal"] = {m: z.float() for m, z in res.unimodal_logits.items()}
@@ -43,6 +78,7 @@ def collect(model, loader, accelerator, modalities, keep_sets=(), want_features=
     model.train(was_training)
     cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731
     return {
+        "diagnostics": rec.summary(),
         "labels": cat(out["labels"]),
         "logits": cat(out["logits"]),
         "unimodal": {m: cat(v) for m, v in out["unimodal"].items()} or None,
@@ -88,10 +124,12 @@ def evaluate(model, loader, accelerator, modalities, num_classes, *, shapley=Tru
     """Metrics of ARCHITECTURE.md on one split. `probe_loader` (the ordered training data) is read only
     when the unimodal accuracy needs a linear probe."""
     keep_sets = [s for s in subsets(modalities) if len(s) < len(modalities)] if shapley else []
-    res = collect(model, loader, accelerator, modalities, keep_sets, want_features=True)
+    res = collect(model, loader, accelerator, modalities, keep_sets, want_features=True, diagnostics=True)
     labels, preds = res["labels"], res["logits"].argmax(-1)
     metrics = {"accuracy": accuracy(preds, labels), "macro_f1": macro_f1(preds, labels, num_classes),
                "num_samples": int(len(labels))}
+    if res["diagnostics"]:
+        metrics.update(res["diagnostics"])
 
     use_split = res["unimodal"] is not None and unimodal in ("auto", "split")
     if unimodal == "split" and res["unimodal"] is None:

@@ -41,8 +41,9 @@ def plot_run(metrics_path: str, out_png: str, title: str = "") -> str:
     return out_png
 
 
-def plot_compare_curves(runs: dict, out_png: str, modalities: list) -> str:
-    """One panel per modality: its unimodal validation accuracy per epoch for every method."""
+def plot_compare_curves(runs: dict, out_png: str, modalities: list, alone: dict | None = None) -> str:
+    """One panel per modality: its unimodal validation accuracy per epoch for every method, with the
+    modality's trained-alone test accuracy as a dotted reference line when given."""
     n = len(modalities) + 1
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), sharey=True)
     for name, metrics_path in runs.items():
@@ -56,11 +57,14 @@ def plot_compare_curves(runs: dict, out_png: str, modalities: list) -> str:
     axes[0].set_title("fused")
     for ax, m in zip(axes[1:], modalities):
         ax.set_title(f"{m} (unimodal)")
+        if alone and alone.get(m, {}).get("accuracy") is not None:
+            ax.axhline(alone[m]["accuracy"], color="gray", ls=":", label=f"{m} trained alone")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation accuracy")
-    axes[-1].legend(fontsize=8)
+    for ax in axes[1:]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)

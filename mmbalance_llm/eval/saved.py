@@ -1,4 +1,4 @@
-"""Evaluate a saved `MultimodalClassifier` (for example `RUN/best`) on one split of a dataset."""
+"""Evaluate a saved model of any registered architecture (for example `RUN/best`) on one split of a dataset."""
 from __future__ import annotations
 
 import torch
@@ -12,9 +12,12 @@ def evaluate_saved(model_dir: str, data_path: str, split: str = "test", batch_si
                    label_column: str = "label") -> dict:
     from accelerate import Accelerator
 
-    from mmbalance_llm.models.classifier import MultimodalClassifier
+    from transformers import AutoModel
 
-    model = MultimodalClassifier.from_pretrained(model_dir)
+    from mmbalance_llm.models.registry import available_architectures
+
+    available_architectures()  # imports every architecture module, which registers it with AutoModel
+    model = AutoModel.from_pretrained(model_dir)
     raw = load_splits(data_path, [split])
     if split not in raw:
         raise DataError(f"data '{data_path}' has no split '{split}'")
@@ -26,12 +29,10 @@ def evaluate_saved(model_dir: str, data_path: str, split: str = "test", batch_si
                             f"the model expects {model.config.input_shapes[m]}")
     labels = label_tensor(ds, split, label_column, model.config.num_classes)
     loader = DataLoader(FeatureDataset(tensors, labels, split), batch_size=batch_size, collate_fn=collate)
+    if not model.has_unimodal_logits:
+        raise DataError(f"model '{model_dir}' has fusion '{model.config.fusion}' without split logits; its unimodal "
+                        f"accuracy needs a linear probe on training data (see the run's final_metrics.json)")
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    model, loader = acc.prepare(model, loader)
-    # A split head gives unimodal accuracy directly; other fusions would need training data for a probe.
-    mode = "split" if acc.unwrap_model(model).has_unimodal_logits else "auto"
-    if mode != "split":
-        raise DataError(f"model '{model_dir}' has fusion '{model.config.fusion}' without split logits; "
-                        f"its unimodal accuracy needs a linear probe on training data (see final_metrics.json)")
-    return evaluate(acc.unwrap_model(model), loader, acc, list(model.config.modalities) if hasattr(model, "config")
-                    else acc.unwrap_model(model).modalities, model.config.num_classes, unimodal=mode)
+    loader = acc.prepare(loader)
+    model = model.to(acc.device)
+    return evaluate(model, loader, acc, list(model.modalities), model.config.num_classes, unimodal="split")

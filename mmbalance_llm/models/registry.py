@@ -11,7 +11,8 @@ import importlib
 
 _BUILDERS: dict = {}
 # Modules that register architectures; imported on first lookup so that the registry is complete.
-_MODULES = ["mmbalance_llm.models.classifier"]
+_MODULES = ["mmbalance_llm.models.classifier", "mmbalance_llm.models.shared_head", "mmbalance_llm.models.mmtm",
+            "mmbalance_llm.models.fusion_transformer"]
 
 
 def register_architecture(name: str):

@@ -7,7 +7,7 @@ import os
 import torch
 
 LAUNCH_HELP = (
-    "the launcher started {n} processes but Accelerate sees one, so each would train alone on all the data. "
+    "the launcher started {n} processes but Accelerate joined them in no process group, so each would train alone on all the data. "
     "On CPU, launch DDP with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {n} ... "
     "(or torchrun); see the README's launch table"
 )
@@ -34,7 +34,10 @@ def make_accelerator(train_cfg, find_unused_parameters: bool = False):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     n = launched_world_size()
-    if n > 1 and accelerator.num_processes == 1:
+    # Seen on CPU: `--multi_gpu` without ACCELERATE_USE_CPU=true reports num_processes=2 but type NO,
+    # with no process group, so every process would silently train alone on all the data.
+    if n > 1 and (accelerator.num_processes == 1 or accelerator.distributed_type.name == "NO"
+                  or not torch.distributed.is_initialized()):
         raise RuntimeError(LAUNCH_HELP.format(n=n))
     return accelerator
 

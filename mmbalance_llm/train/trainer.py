@@ -106,6 +106,10 @@ class Trainer:
         with acc.accumulate(self.model):
             outputs = self.balancer.forward(self.model, batch)
             loss, logs = self.balancer.loss(self.model, batch, outputs)
+            aux = getattr(outputs, "aux_loss", None)
+            if aux is not None:  # the model's own auxiliary objective (e.g. detached probes), under every method
+                loss = loss + aux
+                logs = {**logs, "aux_loss": aux.item()}
             acc.backward(loss)
             if acc.sync_gradients:
                 self.balancer.after_backward(self.model, self.state["global_step"])
@@ -184,7 +188,9 @@ class Trainer:
         model = self.model
         stopped = False
         start_time, start_step, self.step_seconds = time.perf_counter(), self.state["global_step"], 0.0
+        train_seconds = 0.0  # epochs' training work, the method's epoch hooks included; evaluation excluded
         for epoch in range(self.state["epoch"], cfg.epochs):
+            tick = time.perf_counter()
             self.ctx.epoch = epoch
             model.train()
             resuming_mid_epoch = self.state["batches_done"] > 0
@@ -192,6 +198,7 @@ class Trainer:
                 self.balancer.on_epoch_start(model, epoch)
             loader = self.balancer.train_loader(epoch) or self.train_loader
             loader.set_epoch(epoch)  # a new, seeded order every epoch, identical after a resume
+            epoch_batches = len(loader)  # a data-stage method's loader may be longer than the default one
             if resuming_mid_epoch:
                 loader = acc.skip_first_batches(loader, self.state["batches_done"])
             if self.balancer.train_epoch is not None:
@@ -201,10 +208,11 @@ class Trainer:
                     self.training_step(batch)
                     if self._stop_requested():
                         break
-            if self._stop_requested() and self.state["batches_done"] < len(self.train_loader):
+            if self._stop_requested() and self.state["batches_done"] < epoch_batches:
                 stopped = True
                 break
             self.balancer.on_epoch_end(model, epoch)
+            train_seconds += time.perf_counter() - tick
             if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs:
                 self._validate_and_keep_best(epoch)
             self.state.update(epoch=epoch + 1, batches_done=0)
@@ -214,7 +222,7 @@ class Trainer:
                 break
         self.progress.close()
         steps = self.state["global_step"] - start_step
-        self.timing = {"wall_seconds": time.perf_counter() - start_time, "steps": steps,
+        self.timing = {"wall_seconds": time.perf_counter() - start_time, "train_seconds": train_seconds, "steps": steps,
                        "step_seconds": self.step_seconds, "mean_step_seconds": self.step_seconds / max(1, steps)}
         if acc.is_main_process:  # kept out of final_metrics.json, which must be identical across reruns
             write_json_atomic(os.path.join(self.output_dir, "timing.json"), self.timing)
@@ -242,6 +250,11 @@ class Trainer:
 
                 plot_run(self.logger.path, os.path.join(self.output_dir, "curves.png"),
                          title=f"{self.balancer.name}: validation accuracy")
+                if "attention" in (self.state["best_validation"] or {}):  # models with attention diagnostics
+                    from mmbalance_llm.eval.attention_plots import plot_run_attention
+
+                    plot_run_attention(self.logger.path, os.path.join(self.output_dir, "attention.png"),
+                                       title=f"{self.balancer.name}: fusion-query attention")
         self.logger.close()
         acc.wait_for_everyone()
         return final

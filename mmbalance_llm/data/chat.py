@@ -1,0 +1,369 @@
+"""Multimodal chat data for MLLM fine-tuning: LLaVA JSON / sharegpt loading, validation, processor collation.
+
+Accepted records (a JSON list or JSONL file):
+
+* **sharegpt**: ``{"messages": [{"role": "user", "content": "<image>What ...?"}, {"role": "assistant", ...}],
+  "images": ["a.png"], "audios": ["b.wav"]}``
+* **LLaVA JSON**: ``{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\\n..."},
+  {"from": "gpt", "value": "..."}]}``
+
+Media paths are relative to the data file's folder (or ``media_root``). Every problem is a one-line
+``ChatDataError`` naming the file and the sample (index and id): unknown roles, placeholders that do not
+match the media lists, missing files, media tokens that truncation would cut.
+
+Collation renders each conversation with the processor's chat template, tokenises the rendered text once
+(identical ids to the HF processor) and labels exactly the tokens inside assistant replies, located by
+rendering the conversation turn by turn; runs every media item through
+the processor's image processor / feature extractor and expands its placeholder to the number of tokens
+the model expects; ``mm_token_type_ids`` is added for families that take it (Qwen2-VL).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IGNORE_INDEX = -100
+PLACEHOLDERS = {"image": "<image>", "audio": "<audio>"}
+_PH_RE = re.compile(r"(<image>|<audio>)")
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class ChatDataError(ValueError):
+    """Bad multimodal chat sample (the message names file and sample)."""
+
+
+def _where(src: str, idx: int, rec: dict) -> str:
+    rid = rec.get("id") if isinstance(rec, dict) else None
+    return f"{src}: sample {idx}" + (f" (id={rid})" if rid is not None else "")
+
+
+def normalize_record(rec: dict, src: str = "<data>", idx: int = 0, media_root: str | Path | None = None,
+                     check_files: bool = True) -> dict:
+    """One record (either format) -> ``{"id", "messages", "images", "audios", **extra}``, validated."""
+    where = _where(src, idx, rec)
+    if not isinstance(rec, dict):
+        raise ChatDataError(f"{where}: expected an object, got {type(rec).__name__}")
+    root = Path(media_root) if media_root is not None else None
+    if "messages" in rec:
+        msgs = [{"role": m.get("role"), "content": m.get("content")} for m in rec["messages"]]
+        images, audios = rec.get("images") or [], rec.get("audios") or []
+    elif "conversations" in rec:
+        msgs = [{"role": m.get("from"), "content": m.get("value")} for m in rec["conversations"]]
+        img = rec.get("image")
+        images, audios = ([img] if isinstance(img, str) else list(img or [])), list(rec.get("audios") or [])
+    else:
+        raise ChatDataError(f"{where}: needs 'messages' (sharegpt) or 'conversations' (LLaVA JSON)")
+    for k, m in enumerate(msgs):
+        if m["role"] not in _ROLES:
+            raise ChatDataError(f"{where}: message {k} has role {m['role']!r}; expected one of {sorted(_ROLES)}")
+        if not isinstance(m["content"], str):
+            raise ChatDataError(f"{where}: message {k} content must be a string")
+        m["role"] = _ROLES[m["role"]]
+    turns = [m["role"] for m in msgs if m["role"] != "system"]
+    if not turns or turns[-1] != "assistant" or any(r == turns[i - 1] for i, r in enumerate(turns) if i):
+        raise ChatDataError(f"{where}: turns must alternate user/assistant and end with assistant, got {turns}")
+    for mod, media in (("image", images), ("audio", audios)):
+        n_ph = sum(m["content"].count(PLACEHOLDERS[mod]) for m in msgs)
+        if n_ph != len(media):
+            raise ChatDataError(f"{where}: {n_ph} {PLACEHOLDERS[mod]} placeholder(s) but {len(media)} {mod}(s) "
+                                f"in '{'images' if mod == 'image' else 'audios'}'")
+        if any(PLACEHOLDERS[mod] in m["content"] for m in msgs if m["role"] == "assistant"):
+            raise ChatDataError(f"{where}: {PLACEHOLDERS[mod]} placeholder inside an assistant message")
+    base = root if root is not None else Path(src).parent
+    resolve = lambda p: str(p if Path(p).is_absolute() else base / p)  # noqa: E731
+    images, audios = [resolve(p) for p in images], [resolve(p) for p in audios]
+    if check_files:
+        for p in images + audios:
+            if not Path(p).is_file():
+                raise ChatDataError(f"{where}: media file not found: {p}")
+    extra = {k: v for k, v in rec.items() if k not in ("messages", "conversations", "image", "images", "audios")}
+    return {"id": rec.get("id", f"{Path(src).stem}-{idx}"), **extra, "messages": msgs, "images": images,
+            "audios": audios}
+
+
+def load_conversations(path: str | Path, media_root: str | Path | None = None, check_files: bool = True) -> list[dict]:
+    """Read a LLaVA-JSON or sharegpt file (JSON list or JSONL) into validated, normalised records."""
+    path = Path(path)
+    if not path.is_file():
+        raise ChatDataError(f"{path}: data file not found")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+    except json.JSONDecodeError as e:
+        raise ChatDataError(f"{path}: not valid JSON/JSONL ({e})") from None
+    return [normalize_record(r, str(path), i, media_root, check_files) for i, r in enumerate(data)]
+
+
+# ---------------------------------------------------------------------------------------------- processors
+@dataclass
+class MMProcessor:
+    """Tokenizer + image processor / feature extractor, for families whose HF processor class cannot be built
+    here (Qwen2-VL's insists on a torchvision video processor). Saves and loads like a processor."""
+
+    tokenizer: Any
+    image_processor: Any = None
+    feature_extractor: Any = None
+
+    @property
+    def chat_template(self):
+        return self.tokenizer.chat_template
+
+    def save_pretrained(self, path):
+        self.tokenizer.save_pretrained(path)
+        for p in (self.image_processor, self.feature_extractor):
+            if p is not None:
+                p.save_pretrained(path)
+
+    @classmethod
+    def from_pretrained(cls, path):
+        from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+        ip = fe = None
+        try:
+            ip = AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError, KeyError):
+            try:
+                fe = AutoFeatureExtractor.from_pretrained(path)
+            except (OSError, ValueError, KeyError):
+                pass
+        return cls(tok, ip, fe)
+
+
+def load_processor(path_or_processor):
+    """``AutoProcessor.from_pretrained(path)``, or an :class:`MMProcessor` of its parts when that cannot be built."""
+    if not isinstance(path_or_processor, (str, Path)):
+        return path_or_processor
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path_or_processor)
+    except (ImportError, AttributeError, ValueError, TypeError, OSError):
+        return MMProcessor.from_pretrained(path_or_processor)
+
+
+# ---------------------------------------------------------------------------------------------- collation
+def _load_image(p):
+    from PIL import Image
+
+    with Image.open(p) as im:
+        return im.convert("RGB")
+
+
+def _load_audio(p, sr):
+    import numpy as np
+
+    if str(p).endswith(".npy"):
+        return np.load(p).astype("float32")
+    from mmbalance_llm.data.mm_synthetic import read_wav
+
+    x, file_sr = read_wav(p)
+    if file_sr != sr:  # linear resampling is enough for the tones here; real data should be stored at sr
+        n = int(round(len(x) * sr / file_sr))
+        x = np.interp(np.linspace(0, len(x) - 1, n), np.arange(len(x)), x).astype("float32")
+    return x
+
+
+class ChatCollator:
+    """Turn normalised records into model batches (``input_ids``, ``attention_mask``, ``labels``, media tensors).
+
+    ``train_on="assistant"`` puts labels on assistant tokens only (template headers, user text and media get
+    -100). ``max_length`` truncates text on the right but never cuts media tokens: that is an error naming the
+    sample. ``encode(rec, add_answer=False)`` gives the generation prompt; ``answer=`` replaces the last reply
+    (used to score answer options).
+    """
+
+    def __init__(self, processor, model_config, max_length: int = 512, padding_side: str = "right",
+                 media_cache_size: int = 0):
+        from mmbalance_llm.models.modality_map import get_modality_map
+
+        self.processor = processor
+        self.tok = getattr(processor, "tokenizer", processor)
+        self.image_processor = getattr(processor, "image_processor", None)
+        self.feature_extractor = getattr(processor, "feature_extractor", None)
+        self.config = model_config
+        self.mmap = get_modality_map(model_config)
+        self.token_ids = self.mmap.token_ids(model_config)
+        self.max_length = max_length
+        self.padding_side = padding_side
+        # processed media by file path (FIFO); worth it for small media seen every epoch, off by default
+        self.media_cache_size = media_cache_size
+        self._media_cache: dict = {}
+        if getattr(processor, "chat_template", None) is None and getattr(self.tok, "chat_template", None) is None:
+            raise ValueError("the processor/tokenizer has no chat_template; set one before collating chat data")
+        self.template = getattr(processor, "chat_template", None) or self.tok.chat_template
+
+    # -- rendering
+    def _content(self, text: str, role: str):
+        if role != "user":
+            return [{"type": "text", "text": text}]
+        parts = []
+        for piece in _PH_RE.split(text):
+            if piece in ("<image>", "<audio>"):
+                parts.append({"type": piece[1:-1]})
+            elif piece:
+                parts.append({"type": "text", "text": piece})
+        return parts
+
+    def _render(self, msgs, add_generation_prompt=False):
+        conv = [{"role": m["role"], "content": self._content(m["content"], m["role"])} for m in msgs]
+        return self.tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                            chat_template=self.template)
+
+    def _segments(self, msgs, add_answer):
+        """(text, is_label) pieces whose concatenation is the rendered conversation."""
+        segs, prev = [], ""
+        last = len(msgs) if add_answer else len(msgs) - 1
+        for k in range(last):
+            if msgs[k]["role"] == "assistant":
+                head = self._render(msgs[:k], add_generation_prompt=True)
+                full = self._render(msgs[: k + 1])
+                if not head.startswith(prev) or not full.startswith(head):
+                    raise ValueError("the chat template is not prefix-stable; cannot locate assistant tokens")
+                segs += [(head[len(prev):], False), (full[len(head):], True)]
+                prev = full
+            else:
+                full = self._render(msgs[: k + 1])
+                if not full.startswith(prev):
+                    raise ValueError("the chat template is not prefix-stable; cannot locate assistant tokens")
+                segs.append((full[len(prev):], False))
+                prev = full
+        if not add_answer:
+            full = self._render(msgs[:last], add_generation_prompt=True)
+            segs.append((full[len(prev):], False))
+        return segs
+
+    # -- media
+    def _media_tokens(self, rec, where):
+        """Per media kind: list of (n_tokens, tensors dict) in placeholder order."""
+        key = (tuple(rec["images"]), tuple(rec["audios"]))
+        if key in self._media_cache:
+            return self._media_cache[key]
+        out = self._process_media(rec, where)
+        if self.media_cache_size:
+            if len(self._media_cache) >= self.media_cache_size:
+                self._media_cache.pop(next(iter(self._media_cache)))
+            self._media_cache[key] = out
+        return out
+
+    def _process_media(self, rec, where):
+        out = {"image": [], "audio": []}
+        for p in rec["images"]:
+            if self.image_processor is None:
+                raise ChatDataError(f"{where}: has images but the processor has no image processor")
+            t = self.image_processor(images=[_load_image(p)], return_tensors="pt")
+            if "image_grid_thw" in t:
+                n = int(t["image_grid_thw"].prod()) // int(self.image_processor.merge_size) ** 2
+                tensors = {"pixel_values": t["pixel_values"], "image_grid_thw": t["image_grid_thw"]}
+            else:
+                n = int(getattr(self.config, "image_seq_length", 0) or getattr(self.processor, "num_image_tokens", 0))
+                tensors = {"pixel_values": t["pixel_values"]}
+            out["image"].append((n, tensors))
+        for p in rec["audios"]:
+            fe = self.feature_extractor
+            if fe is None:
+                raise ChatDataError(f"{where}: has audio but the processor has no feature extractor")
+            t = fe(_load_audio(p, fe.sampling_rate), sampling_rate=fe.sampling_rate, return_attention_mask=True,
+                   padding="max_length", return_tensors="pt")
+            length = int(t["attention_mask"].sum())
+            n = ((length - 1) // 2 + 1 - 2) // 2 + 1  # Qwen2-Audio encoder: conv stride 2, then pool stride 2
+            out["audio"].append((n, {"input_features": t["input_features"],
+                                     "feature_attention_mask": t["attention_mask"]}))
+        return out
+
+    def encode(self, rec: dict, add_answer: bool = True, answer: str | None = None, where: str | None = None,
+               media: dict | None = None) -> dict:
+        """One record -> ids/labels/types (+ processed ``media``, reusable across calls for the same record)."""
+        import torch
+
+        where = where or f"sample id={rec.get('id')}"
+        msgs = [dict(m) for m in rec["messages"]]
+        if answer is not None:
+            msgs[-1] = {"role": "assistant", "content": answer}
+        media = media if media is not None else self._media_tokens(rec, where)
+        segs = self._segments(msgs, add_answer)
+        text = "".join(t for t, _ in segs)
+        spans, pos = [], 0
+        for t, is_label in segs:
+            if is_label:
+                spans.append((pos, pos + len(t)))
+            pos += len(t)
+        if getattr(self.tok, "is_fast", False):
+            # tokenise the whole rendered text once (as the processor does) and label the tokens that overlap an
+            # assistant span; tokenising segment by segment would change BPE merges at the boundaries
+            t = self.tok(text, add_special_tokens=True, return_offsets_mapping=True)
+            ids = t["input_ids"]
+            labels = [i if any(a < e and b > s_ for s_, e in spans) else IGNORE_INDEX
+                      for i, (a, b) in zip(ids, t["offset_mapping"])]
+        else:
+            ids, labels, first = [], [], True
+            for seg, is_label in segs:
+                t = self.tok(seg, add_special_tokens=first)["input_ids"]
+                first = False
+                ids += t
+                labels += t if is_label else [IGNORE_INDEX] * len(t)
+        types = [0] * len(ids)
+        exp_ids, exp_labels, exp_types = [], [], []
+        seen = {"image": 0, "audio": 0}
+        tid_to_mod = {self.token_ids.get(m): m for m in ("image", "audio") if m in self.token_ids}
+        for i, l, ty in zip(ids, labels, types):
+            mod = tid_to_mod.get(i)
+            if mod is None:
+                exp_ids.append(i), exp_labels.append(l), exp_types.append(ty)
+                continue
+            k = seen[mod]
+            if k >= len(media[mod]):
+                raise ChatDataError(f"{where}: more {mod} placeholders in the rendered prompt than {mod}s given")
+            n = media[mod][k][0]
+            seen[mod] += 1
+            exp_ids += [i] * n
+            exp_labels += [IGNORE_INDEX] * n
+            exp_types += [{"image": 1, "audio": 3}[mod]] * n
+        for mod in ("image", "audio"):
+            if seen[mod] != len(media[mod]):
+                raise ChatDataError(f"{where}: {len(media[mod])} {mod}(s) but {seen[mod]} placeholder(s) reached "
+                                    "the rendered prompt (does the chat template drop them?)")
+        if len(exp_ids) > self.max_length:
+            media_pos = [j for j, ty in enumerate(exp_types) if ty]
+            if media_pos and media_pos[-1] >= self.max_length:
+                raise ChatDataError(f"{where}: truncation to max_length={self.max_length} would cut media tokens "
+                                    f"(sequence has {len(exp_ids)} tokens, last media token at {media_pos[-1]}); "
+                                    "raise max_length or shorten the sample")
+            exp_ids, exp_labels, exp_types = (x[: self.max_length] for x in (exp_ids, exp_labels, exp_types))
+            if add_answer and all(x == IGNORE_INDEX for x in exp_labels):
+                raise ChatDataError(f"{where}: truncation to max_length={self.max_length} removes every answer token")
+        enc = {"input_ids": torch.tensor(exp_ids), "labels": torch.tensor(exp_labels),
+               "mm_token_type_ids": torch.tensor(exp_types), "media": media}
+        return enc
+
+    def pad(self, encs: list[dict], padding_side: str | None = None) -> dict:
+        import torch
+
+        side = padding_side or self.padding_side
+        pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        T = max(len(e["input_ids"]) for e in encs)
+        batch = {"input_ids": [], "attention_mask": [], "labels": [], "mm_token_type_ids": []}
+        for e in encs:
+            n = T - len(e["input_ids"])
+            for key, fill in (("input_ids", pad_id), ("labels", IGNORE_INDEX), ("mm_token_type_ids", 0)):
+                p = torch.full((n,), fill, dtype=torch.long)
+                batch[key].append(torch.cat([e[key], p] if side == "right" else [p, e[key]]))
+            ones, zeros = torch.ones(len(e["input_ids"]), dtype=torch.long), torch.zeros(n, dtype=torch.long)
+            batch["attention_mask"].append(torch.cat([ones, zeros] if side == "right" else [zeros, ones]))
+        out = {k: torch.stack(v) for k, v in batch.items()}
+        if not self.mmap.uses_mm_token_type_ids:
+            out.pop("mm_token_type_ids")
+        tensors: dict[str, list] = {}
+        for e in encs:
+            for mod in ("image", "audio"):
+                for _, t in e["media"][mod]:
+                    for k, v in t.items():
+                        tensors.setdefault(k, []).append(v)
+        out.update({k: torch.cat(v) for k, v in tensors.items()})
+        return out
+
+    def __call__(self, records: list[dict]) -> dict:
+        return self.pad([self.encode(r) for r in records])

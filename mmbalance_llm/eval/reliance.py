@@ -1,0 +1,309 @@
+"""Modality reliance of an MLLM on VLM benchmarks: every item with all modalities, with each non-text modality
+blanked or dropped, with all media dropped, and optionally on the base LLM alone.
+
+Each item is multiple choice: every option is scored by its summed answer-token log-probability (teacher
+forcing, the lm-eval-harness ``acc`` rule) and the prediction is the best option. Conditions:
+
+* ``full``: all media the model accepts;
+* ``blank_<m>``: modality m's media input zeroed (normalised pixels / log-mel), placeholders kept;
+* ``drop_<m>``: m's placeholder and media removed from the prompt;
+* ``no_media``: every media input dropped (MMStar's S_wv: the LVLM without the image);
+* ``base_llm``: a separate text-only model (MMStar's S_t), when given.
+
+Metrics (TRANSFORMERS_MLLM.md §3.5): accuracy per condition; MMStar multimodal gain ``MG = S_v - S_wv`` and
+leakage ``ML = max(0, S_wv - S_t)``; per modality and mode the reliance ``delta = acc_full - acc_without_m`` and
+``ratio = delta / acc_full`` (the fraction of accuracy that needs m), the mean ``delta logp`` of the correct
+answer and the flip rate; POPE precision / recall / F1 / yes-ratio; MME acc, acc+ and score per category;
+accuracy per ``needs`` group when items carry one (the diagnostic benchmark).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+# ------------------------------------------------------------------------------------------- metric maths
+
+
+def accuracy(preds, refs) -> float:
+    preds, refs = list(preds), list(refs)
+    return float(np.mean([p == r for p, r in zip(preds, refs)])) if refs else 0.0
+
+
+def pope_metrics(preds, refs) -> dict:
+    """POPE: 'yes' is the positive class; yes_ratio is the share of 'yes' predictions."""
+    p = np.array([str(x).lower() == "yes" for x in preds])
+    r = np.array([str(x).lower() == "yes" for x in refs])
+    tp, fp, fn = int((p & r).sum()), int((p & ~r).sum()), int((~p & r).sum())
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    return {"acc": float((p == r).mean()) if len(r) else 0.0, "precision": prec, "recall": rec, "f1": f1,
+            "yes_ratio": float(p.mean()) if len(p) else 0.0}
+
+
+def mme_scores(preds, refs, categories, groups) -> dict:
+    """MME: per category acc (per question) and acc+ (share of images whose questions are all right);
+    score = 100 * (acc + acc+); ``total`` is the sum of the category scores."""
+    out, total = {}, 0.0
+    for cat in sorted(set(categories)):
+        idx = [i for i, c in enumerate(categories) if c == cat]
+        ok = {i: preds[i] == refs[i] for i in idx}
+        by_group: dict = {}
+        for i in idx:
+            by_group.setdefault(groups[i], []).append(ok[i])
+        acc = float(np.mean(list(ok.values())))
+        acc_plus = float(np.mean([all(v) for v in by_group.values()]))
+        out[cat] = {"acc": acc, "acc_plus": acc_plus, "score": 100 * (acc + acc_plus)}
+        total += out[cat]["score"]
+    out["total"] = total
+    return out
+
+
+def gain_leakage(s_v: float, s_wv: float, s_t: float | None = None) -> dict:
+    """MMStar: multimodal gain MG = S_v - S_wv; multimodal leakage ML = max(0, S_wv - S_t) (needs S_t)."""
+    return {"mg": s_v - s_wv, "ml": None if s_t is None else max(0.0, s_wv - s_t)}
+
+
+def reliance_scores(acc: dict) -> dict:
+    """{"<mode>_<m>": {"delta", "ratio"}} from accuracies keyed by condition (``full`` required)."""
+    full = acc["full"]
+    out = {}
+    for cond, a in acc.items():
+        if cond.startswith(("blank_", "drop_")) or cond == "no_media":
+            out[cond] = {"delta": full - a, "ratio": (full - a) / full if full > 0 else 0.0}
+    return out
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+class MLLMScorer:
+    """Scores the options of benchmark items on an HF MLLM (through its processor and chat template)."""
+
+    def __init__(self, model, processor, batch_size: int = 16, max_length: int = 1024):
+        from mmbalance_llm.data.chat import ChatCollator
+        from mmbalance_llm.models.modality_map import get_modality_map
+
+        self.model = model.eval()
+        self.collator = ChatCollator(processor, model.config, max_length=max_length)
+        self.accepts = [m for m in get_modality_map(model).modalities if m in ("image", "audio")]
+        self.batch_size = batch_size
+
+    def record(self, item, keep: tuple) -> dict:
+        media = {"image": item.images if "image" in keep else [], "audio": item.audios if "audio" in keep else []}
+        ph = "<image>" * len(media["image"]) + "<audio>" * len(media["audio"])
+        return {"id": item.id, "messages": [{"role": "user", "content": ph + item.question},
+                                            {"role": "assistant", "content": item.options[0]}],
+                "images": list(media["image"]), "audios": list(media["audio"])}
+
+    def option_logprobs(self, items, keep: tuple, blank: tuple = ()) -> list:
+        """[[logp(option) for option in item.options] for item in items]."""
+        import torch
+
+        from mmbalance_llm.attribution.hf import BLANK_KEYS, answer_logprob
+
+        encs, owner = [], []
+        for i, it in enumerate(items):
+            rec = self.record(it, keep)
+            for o in it.options:
+                encs.append(self.collator.encode(rec, answer=o, where=it.source))
+                owner.append(i)
+        scores = []
+        with torch.no_grad():
+            for s in range(0, len(encs), self.batch_size):
+                batch = self.collator.pad(encs[s:s + self.batch_size])
+                for m in blank:
+                    if BLANK_KEYS[m] in batch:
+                        batch[BLANK_KEYS[m]] = torch.zeros_like(batch[BLANK_KEYS[m]])
+                scores += answer_logprob(self.model, batch)[0].tolist()
+        out = [[] for _ in items]
+        for i, v in zip(owner, scores):
+            out[i].append(v)
+        return out
+
+
+class TextLMScorer:
+    """A text-only causal LM (MMStar's base LLM): prompt rendered with its chat template when it has one."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tok = model.eval(), tokenizer
+
+    def option_logprobs(self, items, keep=(), blank=()) -> list:
+        import torch
+        import torch.nn.functional as F
+
+        out = []
+        for it in items:
+            if getattr(self.tok, "chat_template", None):
+                prompt = self.tok.apply_chat_template([{"role": "user", "content": it.question}], tokenize=False,
+                                                      add_generation_prompt=True)
+            else:
+                prompt = it.question + "\nAnswer: "
+            p_ids = self.tok(prompt)["input_ids"]
+            row = []
+            for o in it.options:
+                a_ids = self.tok(o, add_special_tokens=False)["input_ids"]
+                ids = torch.tensor([p_ids + a_ids])
+                with torch.no_grad():
+                    lp = F.log_softmax(self.model(input_ids=ids).logits[0, :-1].float(), -1)
+                tgt = ids[0, 1:]
+                row.append(float(lp[torch.arange(len(tgt)), tgt][len(p_ids) - 1:].sum()))
+            out.append(row)
+        return out
+
+
+def load_mllm(path: str):
+    """(model, processor) from an MLLM folder, or from a peft adapter folder (LoRA / MokA) whose
+    ``adapter_config.json`` names the base model folder (the processor is read from the base)."""
+    import mmbalance_llm  # noqa: F401  (registers MokA with peft)
+    from mmbalance_llm.models.tiny import load_tiny
+
+    ac = Path(path) / "adapter_config.json"
+    if not ac.is_file():
+        return load_tiny(path)
+    from peft import PeftModel
+
+    from mmbalance_llm.adapters import install_peft_registration
+
+    # peft is imported now, so this registers MokA at once (the post-import hook can be consumed by an
+    # importlib.util.find_spec("peft") probe, e.g. transformers' is_peft_available, before peft is imported)
+    install_peft_registration()
+    base_path = json.loads(ac.read_text()).get("base_model_name_or_path")
+    if not base_path or not Path(base_path).is_dir():
+        raise ValueError(f"{ac}: base_model_name_or_path {base_path!r} is not a local model folder")
+    base, proc = load_tiny(base_path)
+    return PeftModel.from_pretrained(base, path).eval(), proc
+
+
+def load_scorer(path: str, batch_size: int = 16):
+    """An MLLM folder (any family with a modality map, or an adapter on one) or a plain causal LM folder."""
+    from transformers import AutoConfig
+
+    from mmbalance_llm.models.modality_map import supported_model_types
+
+    if (Path(path) / "adapter_config.json").is_file():
+        return MLLMScorer(*load_mllm(path), batch_size=batch_size)
+    cfg = AutoConfig.from_pretrained(path)
+    if cfg.model_type in supported_model_types():
+        return MLLMScorer(*load_mllm(path), batch_size=batch_size)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return TextLMScorer(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path))
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def conditions_for(scorer, items, blank: bool = True, drop: bool = True) -> dict:
+    """Condition name -> (kept media, blanked media)."""
+    present = [m for m in scorer.accepts if any((it.images if m == "image" else it.audios) for it in items)]
+    conds = {"full": (tuple(present), ())}
+    for m in present:
+        if blank:
+            conds[f"blank_{m}"] = (tuple(present), (m,))
+        if drop:
+            conds[f"drop_{m}"] = (tuple(x for x in present if x != m), ())
+    conds["no_media"] = ((), ())
+    return conds
+
+
+def evaluate_reliance(scorer, items, fmt: str, base_scorer=None, blank: bool = True, drop: bool = True) -> dict:
+    """Run every condition; returns {"results": {...}, "samples": [...], "conditions": [...], "ignored_media": [...]}"""
+    conds = conditions_for(scorer, items, blank, drop)
+    logps, cache = {}, {}
+    for name, (keep, blanked) in conds.items():
+        key = (keep, blanked)
+        if key not in cache:  # e.g. drop_image == no_media for a single-modality model
+            cache[key] = scorer.option_logprobs(items, keep, blanked)
+        logps[name] = cache[key]
+    if base_scorer is not None:
+        logps["base_llm"] = base_scorer.option_logprobs(items, (), ())
+    refs = [it.answer for it in items]
+    preds = {c: [it.options[int(np.argmax(lp))] for it, lp in zip(items, v)] for c, v in logps.items()}
+    acc = {c: accuracy(p, refs) for c, p in preds.items()}
+    res: dict = {f"acc,{c}": a for c, a in acc.items()}
+    gl = gain_leakage(acc["full"], acc["no_media"], acc.get("base_llm"))
+    res["mmstar_mg"], res["mmstar_ml"] = gl["mg"], gl["ml"]
+    correct_lp = {c: np.array([lp[it.options.index(it.answer)] for it, lp in zip(items, v)]) for c, v in logps.items()}
+    for cond, r in reliance_scores(acc).items():
+        res[f"reliance_delta,{cond}"] = r["delta"]
+        res[f"reliance_ratio,{cond}"] = r["ratio"]
+        res[f"delta_logp,{cond}"] = float((correct_lp["full"] - correct_lp[cond]).mean())
+        res[f"flip_rate,{cond}"] = float(np.mean([a != b for a, b in zip(preds["full"], preds[cond])]))
+    if fmt == "pope" or all(set(it.options) == {"yes", "no"} for it in items):
+        for c, p in preds.items():
+            for k, v in pope_metrics(p, refs).items():
+                res[f"pope_{k},{c}"] = v
+    if fmt == "mme":
+        cats, groups = [it.category for it in items], [it.group for it in items]
+        for c, p in preds.items():
+            for cat, v in mme_scores(p, refs, cats, groups).items():
+                if cat == "total":
+                    res[f"mme_total,{c}"] = v
+                else:
+                    for k, x in v.items():
+                        res[f"mme_{k}/{cat},{c}"] = x
+    needs = [it.meta.get("needs") for it in items]
+    if any(needs):
+        for g in sorted({n for n in needs if n}):
+            idx = [i for i, n in enumerate(needs) if n == g]
+            for c, p in preds.items():
+                res[f"acc_needs/{g},{c}"] = accuracy([p[i] for i in idx], [refs[i] for i in idx])
+    samples = []
+    for i, it in enumerate(items):
+        samples.append({"doc_id": i, "doc": {"id": it.id, "question": it.question, "options": it.options,
+                                             "category": it.category, "source": it.source, **it.meta},
+                        "target": it.answer,
+                        "conditions": {c: {"pred": preds[c][i], "acc": float(preds[c][i] == it.answer),
+                                           "logprobs": logps[c][i]} for c in logps}})
+    ignored = sorted({m for it in items for m, lst in (("image", it.images), ("audio", it.audios))
+                      if lst and m not in scorer.accepts}) if hasattr(scorer, "accepts") else []
+    return {"results": res, "samples": samples, "conditions": list(logps), "ignored_media": ignored}
+
+
+def markdown_table(task: str, results: dict, conditions: list) -> str:
+    """Rows = conditions; columns = accuracy, reliance delta/ratio, delta logp, flips (+ POPE F1 / yes-ratio)."""
+    pope = any(k.startswith("pope_f1,") for k in results)
+    head = ["condition", "acc", "reliance Δ", "ratio", "Δlogp", "flips"] + (["POPE F1", "yes-ratio"] if pope else [])
+    lines = [f"**{task}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    f = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    for c in conditions:
+        row = [c, f(results.get(f"acc,{c}")), f(results.get(f"reliance_delta,{c}")),
+               f(results.get(f"reliance_ratio,{c}")), f(results.get(f"delta_logp,{c}")),
+               f(results.get(f"flip_rate,{c}"))]
+        if pope:
+            row += [f(results.get(f"pope_f1,{c}")), f(results.get(f"pope_yes_ratio,{c}"))]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", f"MMStar multimodal gain MG = {f(results.get('mmstar_mg'))}, "
+                  f"leakage ML = {f(results.get('mmstar_ml'))}" + ("" if results.get("mmstar_ml") is not None
+                                                                 else " (no base LLM given)")]
+    if any(k.startswith("mme_total,") for k in results):
+        lines += ["", "MME score (acc + acc+, x100) per condition: "
+                  + ", ".join(f"{c} {results[f'mme_total,{c}']:.1f}" for c in conditions if f"mme_total,{c}" in results)]
+    groups = sorted({k.split(",")[0].split("/", 1)[1] for k in results if k.startswith("acc_needs/")})
+    if groups:
+        lines += ["", "| needs | " + " | ".join(conditions) + " |", "|" + "---|" * (len(conditions) + 1)]
+        for g in groups:
+            lines.append(f"| {g} | " + " | ".join(f(results.get(f"acc_needs/{g},{c}")) for c in conditions) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out_dir, task: str, evaluation: dict, config: dict) -> dict:
+    """lm-eval-harness style: ``results.json`` ({results, configs, n-samples, versions}), ``samples_<task>.jsonl``
+    and ``results.md``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"results": {task: evaluation["results"]},
+           "configs": {task: {**config, "conditions": evaluation["conditions"],
+                              "ignored_media": evaluation["ignored_media"]}},
+           "n-samples": {task: {"original": len(evaluation["samples"]), "effective": len(evaluation["samples"])}},
+           "versions": {task: 1}}
+    paths = {"results": out / "results.json", "samples": out / f"samples_{task}.jsonl", "markdown": out / "results.md"}
+    paths["results"].write_text(json.dumps(doc, indent=2))
+    with open(paths["samples"], "w", encoding="utf-8") as fh:
+        for s in evaluation["samples"]:
+            fh.write(json.dumps(s) + "\n")
+    paths["markdown"].write_text(markdown_table(task, evaluation["results"], evaluation["conditions"]))
+    return {k: str(v) for k, v in paths.items()}

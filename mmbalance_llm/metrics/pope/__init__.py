@@ -1,0 +1,1 @@
+"""Metric script folder (loadable with evaluate.load by path)."""
