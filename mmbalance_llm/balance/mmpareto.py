@@ -105,6 +105,9 @@ class MMPareto(Balancer):
         if self.config.gradient_space == "parameter":
             reject_zero3(ctx, self.name, "with gradient_space 'parameter' differentiates w.r.t. the encoder parameters")
         unwrapped = ctx.unwrap(model)
+        if not callable(getattr(unwrapped, "fuse", None)):
+            raise ValueError(f"balance.method 'mmpareto' needs a model with encode/fuse (model.architecture: classifier), "
+                             f"got {type(unwrapped).__name__}")
         self._params = {m: [p for _, p in unwrapped.modality_parameters(m) if p.requires_grad] for m in ctx.modalities}
 
     def _head_loss(self, model, features, labels):
