@@ -222,6 +222,20 @@ def test_mbsd_pair_weights_and_true_kl():
     assert za.grad.abs().sum() == 0 and zb.grad[0].abs().sum() > 0  # strong side is the teacher
 
 
+def test_mbsd_zero_weight_is_fused_plus_unimodal_ce():
+    model = tiny_model(mods=("a", "b", "c"))
+    batch = batch_for(model)
+    out = model(**inputs(batch, model))
+    ctx = stub_ctx(model)
+    mbsd, aux = get_method("mbsd", weight=0.0), get_method("unimodal_aux")
+    mbsd.setup(ctx, model)
+    aux.setup(ctx, model)
+    assert torch.equal(mbsd.loss(model, batch, out)[0], aux.loss(model, batch, out)[0])
+    full = get_method("mbsd")
+    full.setup(ctx, model)
+    assert full.loss(model, batch, out)[0] > aux.loss(model, batch, out)[0]
+
+
 # -- LFM ----------------------------------------------------------------------------------------------
 def test_lfm_js_and_hypergradient_match_finite_differences():
     from mmbalance_llm.balance.lfm import alignment, js_divergence

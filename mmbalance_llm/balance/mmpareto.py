@@ -65,8 +65,8 @@ class MMParetoConfig(BalancerConfig):
     gamma: float = hp(1.5, "Scale applied to the integrated encoder gradient (paper: 1.5).")
     gradient_space: str = hp("parameter", "'parameter' (exact per-loss encoder gradients, two encoder backward "
                                           "passes) or 'feature' (cosine/MGDA on the feature cotangents, one pass).")
-    rescale: str = hp("encoder", "Norm rescale of the integrated gradient: 'encoder' (whole encoder, keeps the "
-                                 "Pareto direction, as the paper) or 'tensor' (per parameter tensor, as the original code).")
+    rescale: str = hp("encoder", "Norm rescale of the integrated gradient: 'encoder' (one factor per encoder, keeps the "
+                                 "min-norm direction) or 'tensor' (one per parameter tensor, as the original code).")
 
 
 def integrate(g_mm: list, g_u: list, gamma: float, per_tensor: bool = False) -> tuple[list, bool, tuple]:
@@ -105,6 +105,9 @@ class MMPareto(Balancer):
         if self.config.gradient_space == "parameter":
             reject_zero3(ctx, self.name, "with gradient_space 'parameter' differentiates w.r.t. the encoder parameters")
         unwrapped = ctx.unwrap(model)
+        if not callable(getattr(unwrapped, "fuse", None)):
+            raise ValueError(f"balance.method 'mmpareto' needs a model with encode/fuse (model.architecture: classifier), "
+                             f"got {type(unwrapped).__name__}")
         self._params = {m: [p for _, p in unwrapped.modality_parameters(m) if p.requires_grad] for m in ctx.modalities}
 
     def _head_loss(self, model, features, labels):
