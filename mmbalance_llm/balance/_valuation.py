@@ -13,7 +13,6 @@ re-sampled copies and the evaluator's Shapley metric.
 """
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -21,28 +20,32 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmbalance_llm.data.features import collate
-
-
-def _coalitions(mods):
-    """Every coalition, the empty one included."""
-    return [frozenset(c) for r in range(len(mods) + 1) for c in itertools.combinations(mods, r)]
+from mmbalance_llm.eval.metrics import shapley_values, subsets
 
 
 def shapley_from_correct(correct: dict, mods) -> torch.Tensor:
     """phi [N, M] from correct[S] = bool [N] for every coalition S, the empty one included (v(S) = correct)."""
-    n = len(mods)
-    value = {s: correct[s].float() for s in correct}
-    cols = []
-    for m in mods:
-        others = [k for k in mods if k != m]
-        total = 0.0
-        for r in range(len(others) + 1):
-            w = math.factorial(r) * math.factorial(n - r - 1) / math.factorial(n)
-            for s in itertools.combinations(others, r):
-                s = frozenset(s)
-                total = total + w * (value[s | {m}] - value[s])
-        cols.append(total)
-    return torch.stack(cols, dim=1)
+    phi = shapley_values({s: c.float() for s, c in correct.items()}, mods)
+    return torch.stack([phi[m] for m in mods], dim=1)
+
+
+class ResamplingState:
+    """What both valuation methods share: the epoch's extra single-modality copies, the loader that
+    serves them, and their checkpointed state."""
+
+    copies: list
+
+    def train_loader(self, epoch):
+        if not self.copies:
+            return None
+        return resample_loader(self.ctx, self.ctx.trainer.data.train, self.copies, epoch)
+
+    def state_dict(self):
+        return {"copies": copies_to_tensor(self.copies, self.ctx.modalities if self.ctx else [])}
+
+    def load_state_dict(self, state):
+        if "copies" in state and self.ctx is not None:
+            self.copies = copies_from_tensor(state["copies"], self.ctx.modalities)
 
 
 @torch.no_grad()
@@ -57,7 +60,7 @@ def sample_shapley(model, loader, accelerator, modalities, num_samples: int):
     was_training = net.training
     net.eval()
     mods = list(modalities)
-    coalitions = _coalitions(mods)
+    coalitions = subsets(mods)
     phi = torch.full((num_samples, len(mods)), float("nan"))
     full = torch.full((num_samples,), float("nan"))
     for batch in loader:

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from mmbalance_llm.balance import register
-from mmbalance_llm.balance._valuation import (copies_from_tensor, copies_to_tensor, resample_loader,
-                                              resampling_score, sample_shapley, subset_loader)
+from mmbalance_llm.balance._valuation import (ResamplingState, resampling_score, sample_shapley, subset_loader)
 from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 
 
@@ -55,7 +54,7 @@ def modality_copies(phi_mean: torch.Tensor, modalities, num_samples: int, alpha:
 
 
 @register
-class ModalityValuation(Balancer):
+class ModalityValuation(ResamplingState, Balancer):
     name = "modality_valuation"
     stage = "data"
     paper = "Wei et al., CVPR 2024 (modality-level valuation)"
@@ -90,15 +89,3 @@ class ModalityValuation(Balancer):
         stats = {f"phi_{m}": float(v) for m, v in zip(ctx.modalities, phi_mean)}
         stats.update(discrepancy=disc, resampled=len(self.copies))
         ctx.trainer.logger.log({"step": ctx.global_step, "epoch": epoch + 1, "split": "valuation", **stats})
-
-    def train_loader(self, epoch):
-        if not self.copies:
-            return None
-        return resample_loader(self.ctx, self.ctx.trainer.data.train, self.copies, epoch)
-
-    def state_dict(self):
-        return {"copies": copies_to_tensor(self.copies, self.ctx.modalities if self.ctx else [])}
-
-    def load_state_dict(self, state):
-        if "copies" in state and self.ctx is not None:
-            self.copies = copies_from_tensor(state["copies"], self.ctx.modalities)

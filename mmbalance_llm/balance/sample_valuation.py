@@ -32,8 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from mmbalance_llm.balance import register
-from mmbalance_llm.balance._valuation import (copies_from_tensor, copies_to_tensor, resample_loader,
-                                              resampling_score, sample_shapley)
+from mmbalance_llm.balance._valuation import (ResamplingState, resampling_score, sample_shapley)
 from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 
 
@@ -58,7 +57,7 @@ def copies_for(score: torch.Tensor, modalities, high: float, low1: float, low2: 
 
 
 @register
-class SampleValuation(Balancer):
+class SampleValuation(ResamplingState, Balancer):
     name = "sample_valuation"
     stage = "data"
     paper = "Wei et al., CVPR 2024 (sample-level modality valuation)"
@@ -87,15 +86,3 @@ class SampleValuation(Balancer):
         self.stats = {f"phi_{m}": float(v) for m, v in zip(ctx.modalities, mean)}
         self.stats["resampled"] = len(self.copies)
         ctx.trainer.logger.log({"step": ctx.global_step, "epoch": epoch + 1, "split": "valuation", **self.stats})
-
-    def train_loader(self, epoch):
-        if not self.copies:
-            return None
-        return resample_loader(self.ctx, self.ctx.trainer.data.train, self.copies, epoch)
-
-    def state_dict(self):
-        return {"copies": copies_to_tensor(self.copies, self.ctx.modalities if self.ctx else [])}
-
-    def load_state_dict(self, state):
-        if "copies" in state and self.ctx is not None:
-            self.copies = copies_from_tensor(state["copies"], self.ctx.modalities)
