@@ -48,12 +48,12 @@ def test_registered_with_stage_and_many_modalities():
 
 # -- valuation ------------------------------------------------------------------------------------
 def test_shapley_matches_exact_formula_and_efficiency():
-    from mmbalance_llm.balance._valuation import _coalitions, shapley_from_correct
-    from mmbalance_llm.eval.metrics import shapley_values
+    from mmbalance_llm.balance._valuation import shapley_from_correct
+    from mmbalance_llm.eval.metrics import shapley_values, subsets
 
     mods = ["a", "b", "c"]
     gen = torch.Generator().manual_seed(1)
-    correct = {s: torch.rand(20, generator=gen) > 0.5 for s in _coalitions(mods)}
+    correct = {s: torch.rand(20, generator=gen) > 0.5 for s in subsets(mods)}
     phi = shapley_from_correct(correct, mods)
     for i in range(20):
         value = {s: float(correct[s][i]) for s in correct}

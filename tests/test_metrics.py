@@ -1,5 +1,4 @@
 """Balance metrics: macro-F1, exact Shapley (efficiency, symmetry, null player), imbalance, OGM rule."""
-import itertools
 
 import pytest
 import torch

@@ -27,8 +27,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from mmbalance_llm.balance import register
 from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp, model_inputs
 

@@ -18,6 +18,7 @@ from mmbalance_llm.models.encoders import build_encoder
 from mmbalance_llm.models.fusion import build_fusion
 from mmbalance_llm.models.outputs import MultimodalOutput
 from mmbalance_llm.models.registry import register_architecture
+from mmbalance_llm.models.common import check_modality_inputs, encoder_parameters, register_auto
 
 _ENCODER_KEYS = ("encoder", "feature_dim", "hidden_dim", "num_layers", "num_heads", "dropout", "hf_encoder")
 
@@ -110,18 +111,10 @@ class MultimodalClassifier(PreTrainedModel):
 
     def modality_parameters(self, modality: str) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) pairs of modality `modality`'s encoder. The fusion head belongs to none."""
-        if modality not in self.encoders:
-            raise KeyError(f"unknown modality {modality!r}; modalities are {self.modalities}")
-        for name, p in self.encoders[modality].named_parameters():
-            yield f"encoders.{modality}.{name}", p
+        yield from encoder_parameters(self.encoders, self.modalities, modality)
 
     def encode(self, **inputs) -> dict:
-        unknown = set(inputs) - set(self.modalities)
-        if unknown:
-            raise TypeError(f"unexpected input(s) {sorted(unknown)}; this model's modalities are {self.modalities}")
-        missing = [m for m in self.modalities if m not in inputs]
-        if missing:
-            raise TypeError(f"missing input(s) {missing}; pass zeros to drop a modality")
+        check_modality_inputs(self.modalities, inputs)
         return {m: self.encoders[m](inputs[m]) for m in self.modalities}
 
     def fuse(self, features: dict, labels: Optional[torch.Tensor] = None) -> MultimodalOutput:
@@ -140,10 +133,4 @@ def build_classifier(model_cfg, modalities, input_shapes, num_classes) -> Multim
     return MultimodalClassifier(MultimodalClassifierConfig.from_recipe(model_cfg, modalities, input_shapes, num_classes))
 
 
-try:  # lets AutoModel.from_pretrained(dir) find the class once the toolkit is imported
-    from transformers import AutoConfig, AutoModel
-
-    AutoConfig.register(MultimodalClassifierConfig.model_type, MultimodalClassifierConfig)
-    AutoModel.register(MultimodalClassifierConfig, MultimodalClassifier)
-except ValueError:  # already registered (module re-imported)
-    pass
+register_auto(MultimodalClassifierConfig, MultimodalClassifier)

@@ -35,6 +35,7 @@ from mmbalance_llm.models.classifier import MultimodalClassifierConfig
 from mmbalance_llm.models.encoders import HFEncoder, MLPEncoder, TransformerEncoder, build_encoder
 from mmbalance_llm.models.outputs import MultimodalOutput
 from mmbalance_llm.models.registry import register_architecture
+from mmbalance_llm.models.common import check_modality_inputs, encoder_parameters, register_auto
 
 
 class FusionTransformerConfig(MultimodalClassifierConfig):
@@ -147,20 +148,12 @@ class FusionTransformer(PreTrainedModel):
 
     def modality_parameters(self, modality: str) -> Iterator[tuple[str, nn.Parameter]]:
         """Encoder m and its type embedding. Fusion layers, classifier and probes belong to none."""
-        if modality not in self.encoders:
-            raise KeyError(f"unknown modality {modality!r}; modalities are {self.modalities}")
-        for name, p in self.encoders[modality].named_parameters():
-            yield f"encoders.{modality}.{name}", p
+        yield from encoder_parameters(self.encoders, self.modalities, modality)
         yield f"type_embed.{modality}", self.type_embed[modality]
 
     # -- forward ------------------------------------------------------------------------------
     def encode_tokens(self, **inputs):
-        unknown = set(inputs) - set(self.modalities)
-        if unknown:
-            raise TypeError(f"unexpected input(s) {sorted(unknown)}; this model's modalities are {self.modalities}")
-        missing = [m for m in self.modalities if m not in inputs]
-        if missing:
-            raise TypeError(f"missing input(s) {missing}; pass zeros to drop a modality")
+        check_modality_inputs(self.modalities, inputs)
         tokens, features = {}, {}
         for m in self.modalities:
             tokens[m], features[m] = self.encoders[m](inputs[m])
@@ -254,10 +247,4 @@ def build_fusion_transformer(model_cfg, modalities, input_shapes, num_classes) -
     return FusionTransformer(cfg)
 
 
-try:  # lets AutoModel.from_pretrained(dir) find the class once the toolkit is imported
-    from transformers import AutoConfig, AutoModel
-
-    AutoConfig.register(FusionTransformerConfig.model_type, FusionTransformerConfig)
-    AutoModel.register(FusionTransformerConfig, FusionTransformer)
-except ValueError:
-    pass
+register_auto(FusionTransformerConfig, FusionTransformer)

@@ -22,6 +22,7 @@ from torch import nn
 from mmbalance_llm.models.classifier import MultimodalClassifier, MultimodalClassifierConfig
 from mmbalance_llm.models.encoders import MLPEncoder, TransformerEncoder
 from mmbalance_llm.models.registry import register_architecture
+from mmbalance_llm.models.common import check_modality_inputs, encoder_parameters, register_auto
 
 
 class MMTMConfig(MultimodalClassifierConfig):
@@ -111,19 +112,11 @@ class MMTMClassifier(MultimodalClassifier):
                 for n, p in b.excite[modality].named_parameters()]
 
     def modality_parameters(self, modality: str):
-        if modality not in self.encoders:
-            raise KeyError(f"unknown modality {modality!r}; modalities are {self.modalities}")
-        for name, p in self.encoders[modality].named_parameters():
-            yield f"encoders.{modality}.{name}", p
+        yield from encoder_parameters(self.encoders, self.modalities, modality)
         yield from self.bypass_parameters(modality)
 
     def encode(self, curate: Optional[str] = None, **inputs) -> dict:
-        unknown = set(inputs) - set(self.modalities)
-        if unknown:
-            raise TypeError(f"unexpected input(s) {sorted(unknown)}; this model's modalities are {self.modalities}")
-        missing = [m for m in self.modalities if m not in inputs]
-        if missing:
-            raise TypeError(f"missing input(s) {missing}; pass zeros to drop a modality")
+        check_modality_inputs(self.modalities, inputs)
         if curate is not None and curate not in self.modalities:
             raise KeyError(f"curate={curate!r} is not a modality of this model ({self.modalities})")
         parts = {m: _encoder_stages(self.encoders[m]) for m in self.modalities}
@@ -144,10 +137,4 @@ def build_mmtm(model_cfg, modalities, input_shapes, num_classes) -> MMTMClassifi
     return MMTMClassifier(MMTMConfig.from_recipe(model_cfg, modalities, input_shapes, num_classes))
 
 
-try:
-    from transformers import AutoConfig, AutoModel
-
-    AutoConfig.register(MMTMConfig.model_type, MMTMConfig)
-    AutoModel.register(MMTMConfig, MMTMClassifier)
-except ValueError:  # already registered
-    pass
+register_auto(MMTMConfig, MMTMClassifier)

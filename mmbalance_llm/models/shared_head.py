@@ -23,6 +23,7 @@ from mmbalance_llm.models.classifier import MultimodalClassifier, MultimodalClas
 from mmbalance_llm.models.encoders import build_encoder
 from mmbalance_llm.models.outputs import MultimodalOutput
 from mmbalance_llm.models.registry import register_architecture
+from mmbalance_llm.models.common import register_auto
 
 
 class SharedHeadConfig(MultimodalClassifierConfig):
@@ -98,10 +99,4 @@ def build_shared_head(model_cfg, modalities, input_shapes, num_classes) -> Share
     return SharedHeadClassifier(SharedHeadConfig.from_recipe(model_cfg, modalities, input_shapes, num_classes))
 
 
-try:
-    from transformers import AutoConfig, AutoModel
-
-    AutoConfig.register(SharedHeadConfig.model_type, SharedHeadConfig)
-    AutoModel.register(SharedHeadConfig, SharedHeadClassifier)
-except ValueError:  # already registered
-    pass
+register_auto(SharedHeadConfig, SharedHeadClassifier)
