@@ -1,4 +1,4 @@
-"""RollingQ against the plain attention-fusion baseline on the `tokens_starve` preset, 3 seeds.
+"""RollingQ against the plain attention-fusion baseline on the `tokens_starve` preset, 5 seeds.
 
 Each run is `mmbalance train recipes/fusion_transformer/<recipe>.yaml` in its own single-threaded
 process (seed s: data seed s and training seed s). Reports test fused accuracy, each modality's probe
@@ -6,7 +6,7 @@ accuracy, the query's attention-share gap and AIR on test, and the training-time
 of the same seed; plots the validation attention-share curves (mean ± std over seeds). Writes
 benchmarks/results/rollingq.{md,json} and benchmarks/results/rollingq_attention_share.png.
 
-    python benchmarks/rollingq_tokens.py --seeds 0,1,2 --jobs 3
+    python benchmarks/rollingq_tokens.py --seeds 0,1,2,3,4 --jobs 2
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     from mmbalance_llm.eval.attention_plots import attention_curves, mean_curves, plot_attention_shares
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--train-size", type=int, default=2000)
     p.add_argument("--preset", default="tokens_starve")
