@@ -24,7 +24,7 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 VARIANTS = {  # name -> (recipe, extra overrides)
     "fusion_transformer (none)": ("baseline", []),
-    "fusion_transformer + RollingQ (r_time 8)": ("rollingq", []),  # the recipe: a rotation after every epoch
+    "fusion_transformer + RollingQ (r_time 16)": ("rollingq", []),  # the recipe: a rotation after every epoch
     "fusion_transformer + RollingQ (r_time 1)": ("rollingq", ["balance.r_time=1"]),  # the official default
 }
 ALONE = {f"{m} alone": ("baseline", [f"data.modalities=[{m}]"]) for m in ("audio", "visual")}  # the reference
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0,1,2,3,4")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--train-size", type=int, default=2000)
     p.add_argument("--preset", default="tokens_starve")
     p.add_argument("--jobs", type=int, default=3)
