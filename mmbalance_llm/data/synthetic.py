@@ -108,6 +108,19 @@ PRESETS = {
             dict(name="visual", dim=16, snr=2.0, encoding="tokens", informative=1.0, seq_len=8, signal_tokens=2),
         ],
     ),
+    # RollingQ's benchmark preset: 'audio' is loud on 6 of 8 tokens but informative on only half the
+    # samples, so the fusion query locks onto the audio keys while the fused task still needs 'visual',
+    # which carries its signal in a single token of 8. The starved visual encoder is what RollingQ
+    # should help.
+    "tokens_starve": dict(
+        description="2 token-sequence modalities [8, 16]: loud half-informative 'audio' captures the fusion "
+                    "query; 'visual' is always informative but in 1 of 8 tokens.",
+        train_size=2000,
+        modalities=[
+            dict(name="audio", dim=16, snr=6.0, encoding="tokens", informative=0.5, seq_len=8, signal_tokens=6),
+            dict(name="visual", dim=16, snr=3.0, encoding="tokens", informative=1.0, seq_len=8, signal_tokens=1),
+        ],
+    ),
 }
 
 
