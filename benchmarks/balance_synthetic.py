@@ -118,7 +118,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def fmt_ratio(pair):
+    mean, std = pair
+    if mean is None:
+        return "-"
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
 def write_tables(preset, modalities, methods, seeds, runs, args):
+    cost_path = os.path.join(RESULTS, "train_cost.json")
+    cost = json.load(open(cost_path)) if os.path.isfile(cost_path) else None
+    if cost and cost.get("preset") != preset:
+        cost = None
     base = {r["seed"]: r for r in runs.get("none", []) if "error" not in r}
     weak = None
     alone = {m: mean_std([r["test"]["accuracy"] for r in runs.get(f"alone-{m}", []) if "error" not in r])
@@ -141,18 +152,23 @@ def write_tables(preset, modalities, methods, seeds, runs, args):
         row["unimodal"] = {m: mean_std([r["test"]["unimodal_accuracy"][m] for r in ok]) for m in modalities}
         row["time_ratio"] = mean_std([r["timing"]["train_seconds"] / base[r["seed"]]["timing"]["train_seconds"]
                                       for r in ok if r["seed"] in base])
+        if cost and name in cost["ratio"]:  # interleaved measurement: robust to load on a shared machine
+            row["time_ratio"] = (cost["ratio"][name], None)
         row["rss_ratio"] = mean_std([r["maxrss_mb"] / base[r["seed"]]["maxrss_mb"] for r in ok if r["seed"] in base])
         summary[name] = row
         cells = [name, fmt(row["accuracy"]), fmt(row["macro_f1"])]
         cells += [("**" + fmt(row["unimodal"][m]) + "**") if m == weak else fmt(row["unimodal"][m]) for m in modalities]
-        cells += [fmt(row["imbalance"], 1, 3), fmt(row["time_ratio"], 1, 2), fmt(row["rss_ratio"], 1, 2)]
+        cells += [fmt(row["imbalance"], 1, 3), fmt_ratio(row["time_ratio"]), fmt(row["rss_ratio"], 1, 2)]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("| each modality trained alone | - | - | " + " | ".join(fmt(alone[m]) for m in modalities)
                  + " | - | - | - |")
     table = "\n".join(lines) + "\n"
+    timing = ("Train time × comes from `benchmarks/train_cost.py` (all methods trained in interleaved epochs in "
+              "one process, robust to load on a shared machine)" if cost else
+              "Train time × compares runs with the same seed in this invocation")
     note = (f"Preset `{preset}`, {len(seeds)} seeds ({', '.join(map(str, seeds))}), {args.epochs} epochs, test split "
-            f"of the checkpoint chosen on validation; mean ± std. Weak modality in bold: `{weak}`. Ratios are to "
-            f"`none` with the same seed in the same invocation.\n")
+            f"of the checkpoint chosen on validation; mean ± std. Weak modality in bold: `{weak}`. {timing}; peak "
+            f"RSS × is each run's own process against `none` with the same seed.\n")
     with open(os.path.join(RESULTS, f"balance_{preset}.md"), "w", encoding="utf-8") as fh:
         fh.write(note + "\n" + table)
     with open(os.path.join(RESULTS, f"balance_{preset}.json"), "w", encoding="utf-8") as fh:

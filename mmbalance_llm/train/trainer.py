@@ -72,6 +72,7 @@ class Trainer:
         self.state = {"global_step": 0, "epoch": 0, "batches_done": 0, "best_metric": None, "best_step": None,
                       "best_epoch": None, "best_validation": None}
         self.output_dir = recipe.output_dir
+        self.step_seconds, self.progress = 0.0, tqdm(disable=True)  # fit() replaces the bar
         self._prepare_output_dir()
 
     # -- output folder, resume --------------------------------------------------------------------
@@ -179,39 +180,47 @@ class Trainer:
             model.load_state_dict(state)
 
     # -- the run ----------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> bool:
+        """One epoch of training with the method's epoch hooks (no evaluation, no checkpoint). Returns
+        False when train.max_steps stopped it part-way."""
+        acc, model = self.accelerator, self.model
+        self.ctx.epoch = epoch
+        model.train()
+        resuming_mid_epoch = self.state["batches_done"] > 0
+        if not resuming_mid_epoch:
+            self.balancer.on_epoch_start(model, epoch)
+        loader = self.balancer.train_loader(epoch) or self.train_loader
+        loader.set_epoch(epoch)  # a new, seeded order every epoch, identical after a resume
+        epoch_batches = len(loader)  # a data-stage method's loader may be longer than the default one
+        if resuming_mid_epoch:
+            loader = acc.skip_first_batches(loader, self.state["batches_done"])
+        if self.balancer.train_epoch is not None:
+            self.balancer.train_epoch(self, model, loader, epoch)
+        else:
+            for batch in loader:
+                self.training_step(batch)
+                if self._stop_requested():
+                    break
+        if self._stop_requested() and self.state["batches_done"] < epoch_batches:
+            return False
+        self.balancer.on_epoch_end(model, epoch)
+        self.state["batches_done"] = 0  # the next epoch starts from its first batch
+        return True
+
     def fit(self) -> dict | None:
         acc, cfg = self.accelerator, self.recipe.train
         for note in self.data.notes:
             acc.print(f"[mmbalance] {note}")
         self.progress = tqdm(total=cfg.epochs * self.steps_per_epoch, initial=self.state["global_step"],
                              disable=not (acc.is_main_process and cfg.progress), desc=self.balancer.name)
-        model = self.model
         stopped = False
         start_time, start_step, self.step_seconds = time.perf_counter(), self.state["global_step"], 0.0
         train_seconds = 0.0  # epochs' training work, the method's epoch hooks included; evaluation excluded
         for epoch in range(self.state["epoch"], cfg.epochs):
             tick = time.perf_counter()
-            self.ctx.epoch = epoch
-            model.train()
-            resuming_mid_epoch = self.state["batches_done"] > 0
-            if not resuming_mid_epoch:
-                self.balancer.on_epoch_start(model, epoch)
-            loader = self.balancer.train_loader(epoch) or self.train_loader
-            loader.set_epoch(epoch)  # a new, seeded order every epoch, identical after a resume
-            epoch_batches = len(loader)  # a data-stage method's loader may be longer than the default one
-            if resuming_mid_epoch:
-                loader = acc.skip_first_batches(loader, self.state["batches_done"])
-            if self.balancer.train_epoch is not None:
-                self.balancer.train_epoch(self, model, loader, epoch)
-            else:
-                for batch in loader:
-                    self.training_step(batch)
-                    if self._stop_requested():
-                        break
-            if self._stop_requested() and self.state["batches_done"] < epoch_batches:
+            if not self.train_epoch(epoch):
                 stopped = True
                 break
-            self.balancer.on_epoch_end(model, epoch)
             train_seconds += time.perf_counter() - tick
             if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs:
                 self._validate_and_keep_best(epoch)
