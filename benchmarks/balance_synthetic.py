@@ -24,6 +24,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_utils import fmt, mean_std  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
@@ -38,18 +40,6 @@ def run_tracked(recipe: str, overrides: list, env: dict) -> dict:
         errf.seek(0)
         err = errf.read()
     return {"returncode": proc.returncode, "stderr": err[-2000:], "maxrss_mb": usage.ru_maxrss / 1024}
-
-
-def mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def fmt(pair, scale=100.0, digits=1):
-    mean, std = pair
-    return "-" if mean is None else f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
 def main(argv=None) -> int:

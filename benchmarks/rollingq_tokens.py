@@ -14,12 +14,13 @@ import argparse
 import concurrent.futures
 import json
 import os
-import statistics
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_utils import fmt, mean_std  # noqa: E402
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 VARIANTS = {  # name -> (recipe, extra overrides)
@@ -28,18 +29,6 @@ VARIANTS = {  # name -> (recipe, extra overrides)
     "fusion_transformer + RollingQ (r_time 1)": ("rollingq", ["balance.r_time=1"]),  # the official default
 }
 ALONE = {f"{m} alone": ("baseline", [f"data.modalities=[{m}]"]) for m in ("audio", "visual")}  # the reference
-
-
-def mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def fmt(pair, scale=100.0, digits=1):
-    m, s = pair
-    return "-" if m is None else f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 
 def main(argv=None) -> int:
