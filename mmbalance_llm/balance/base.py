@@ -107,8 +107,12 @@ class Balancer:
 
     # -- per step -----------------------------------------------------------------------------
     def forward(self, model, batch: dict):
-        # Labels let a model return its own `aux_loss` (detached probe heads); fused logits do not use them.
-        return model(**model_inputs(batch, self.ctx.modalities), labels=batch["labels"])
+        inputs = model_inputs(batch, self.ctx.modalities)
+        # Labels only reach models that turn them into their own `aux_loss` (detached probe heads); other
+        # models would spend a second fused cross-entropy per step that the balancer's loss recomputes.
+        if getattr(self.ctx.unwrap(model), "aux_loss_from_labels", False):
+            inputs["labels"] = batch["labels"]
+        return model(**inputs)
 
     def loss(self, model, batch: dict, outputs) -> tuple[torch.Tensor, dict]:
         return F.cross_entropy(outputs.logits, batch["labels"]), {}

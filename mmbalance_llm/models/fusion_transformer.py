@@ -111,6 +111,7 @@ class FusionTransformer(PreTrainedModel):
     main_input_name = "labels"
     unimodal_logits_are_split = False  # probe heads on detached features; they do not sum to `logits`
     has_unimodal_logits = False  # (the split-logit contract of balance/base.py)
+    aux_loss_from_labels = True  # the trainer passes labels so the probes train under every method
 
     def __init__(self, config: FusionTransformerConfig):
         super().__init__(config)
