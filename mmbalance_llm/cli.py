@@ -117,7 +117,14 @@ def cmd_methods(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mmbalance_llm import __version__
+    from mmbalance_llm.data.synthetic import PRESETS  # numpy only: --help stays far cheaper than `import torch`
+
     p = argparse.ArgumentParser(prog="mmbalance", description="Balanced multimodal fine-tuning toolkit.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the dependencies' warnings, banners and progress bars (also MMBALANCE_VERBOSE=1); "
+                        "goes before the command: mmbalance --verbose train ...")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train from a YAML recipe")
@@ -148,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "questions for MLLM fine-tuning), tiny-model (random-weight MLLM twins)")
     d.add_argument("kind", choices=["synthetic", "mm-instruct", "tiny-model", "diagnostic"])
     d.add_argument("out_dir")
-    d.add_argument("--preset", default=None, help="av_imbalance | balanced | tri_modal | tokens")
+    d.add_argument("--preset", default=None, help="synthetic preset: " + " | ".join(PRESETS))
     d.add_argument("--modality", action="append", default=[],
                    help="name:dim=32,snr=2.0,encoding=linear|mixture|tokens,informative=1.0,seq_len=16,signal_tokens=2")
     d.add_argument("--num-classes", type=int, default=None)
@@ -168,8 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     _env_defaults()
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = os.environ.get("MMBALANCE_VERBOSE", "") not in ("", "0")
+    while argv and argv[0] == "--verbose":  # a global flag: stripped so delegated commands see their own argv
+        verbose = True
+        argv.pop(0)
+    from mmbalance_llm.utils.console import quiet_dependencies
+
+    quiet_dependencies(verbose)
     from mmbalance_llm.config import RecipeError
-    from mmbalance_llm.data.features import DataError
+    from mmbalance_llm.data.errors import DataError  # not data.features: that one imports torch
 
     func, rest = _delegate(argv)
     if func is None:

@@ -14,9 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-
-class DataError(ValueError):
-    """The data breaks the dataset contract; the message names split, column and row."""
+from mmbalance_llm.data.errors import DataError  # noqa: F401  (public here since the start)
 
 
 _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}

@@ -1,0 +1,1 @@
+"""Small process-level helpers (console noise, thread counts); no heavy imports."""
