@@ -55,9 +55,61 @@ def infer_modalities(ds, label_column: str) -> list[str]:
     return [c for c in ds.column_names if c != label_column]
 
 
+def _dense_arrow(arr) -> Optional[np.ndarray]:
+    """A pyarrow array of numbers or of (nested) equal-length lists as one dense numpy array, or None
+    when it is anything else (nulls, ragged lists, strings, ...): the caller then reads row by row,
+    which is where every validation message comes from."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(arr.type, pa.ExtensionType):  # datasets' Array2D/3D: nested lists underneath
+        arr = arr.storage
+    if arr.null_count:
+        return None
+    kind = arr.type
+    if pa.types.is_fixed_size_list(kind):
+        size = kind.list_size
+    elif pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+        size = int(lengths[0])
+        if (lengths != size).any():
+            return None
+    elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
+        return arr.to_numpy(zero_copy_only=False)
+    else:
+        return None
+    inner = _dense_arrow(arr.flatten())  # flatten honours slices and offsets
+    return None if inner is None else inner.reshape(len(arr), size, *inner.shape[1:])
+
+
+def _fast_column_array(ds, column: str) -> Optional[np.ndarray]:
+    """One vectorised read of a column (indices mapping applied by datasets), or None."""
+    if len(ds) == 0:
+        return None
+    try:
+        table = ds.select_columns([column]).with_format("arrow")[:]
+        arr = _dense_arrow(table.column(column).combine_chunks())
+    except Exception:  # any surprise from an unusual column: the row-by-row path reports it precisely
+        return None
+    # datasets' numpy formatter casts array rows (not scalar rows) to float32 / int64: so do we
+    if arr is not None and arr.ndim > 1:
+        if np.issubdtype(arr.dtype, np.floating):
+            arr = arr.astype(np.float32, copy=False)
+        elif np.issubdtype(arr.dtype, np.integer):
+            arr = arr.astype(np.int64, copy=False)
+    if arr is not None and not arr.flags.writeable:  # a zero-copy view of arrow's (memory-mapped) buffer
+        arr = arr.copy()
+    return arr
+
+
 def _column_array(ds, split: str, column: str) -> np.ndarray:
     if column not in ds.column_names:
         raise DataError(f"split '{split}': column '{column}' is missing (columns: {', '.join(ds.column_names)})")
+    # datasets >= 4 returns a lazy Column for `ds[col]`, so a numpy read of the whole column goes through
+    # arrow; rows are only visited one by one when that fails, to name the bad row.
+    arr = _fast_column_array(ds, column)
+    if arr is not None:
+        return arr
     values = ds.with_format("numpy")[column]
     arr = values if isinstance(values, np.ndarray) and values.dtype != object else None
     if arr is None:
@@ -113,6 +165,11 @@ class FeatureDataset(torch.utils.data.Dataset):
     An item is `{modality: tensor, ..., "labels": int, "index": int}`. Indexing with a pair
     `(i, keep)` where `keep` is a tuple of modality names returns sample i with every other modality
     zeroed: data-stage balancers (valuation re-sampling) use it to add single-modality copies.
+
+    A DataLoader fetches a whole batch at once through `__getitems__` (one index_select per tensor
+    instead of one `__getitem__` per sample and a stack): the result is already the collated batch,
+    equal to `default_collate` of the items, which `collate` passes through. Use `collate` as the
+    loader's collate_fn.
     """
 
     def __init__(self, tensors: dict, labels: torch.Tensor, split: str = "train"):
@@ -136,6 +193,26 @@ class FeatureDataset(torch.utils.data.Dataset):
         item["labels"] = self.labels[idx]
         item["index"] = idx
         return item
+
+    def __getitems__(self, indices) -> dict:
+        rows, keeps = [], []
+        for idx in indices:
+            keep = None
+            if isinstance(idx, (tuple, list)):
+                idx, keep = idx
+            rows.append(int(idx))
+            keeps.append(keep)
+        index = torch.tensor(rows, dtype=torch.int64)
+        batch = {}
+        for m, t in self.tensors.items():
+            x = t.index_select(0, index)
+            drop = [j for j, keep in enumerate(keeps) if keep is not None and m not in keep]
+            if drop:
+                x[drop] = 0
+            batch[m] = x
+        batch["labels"] = self.labels.index_select(0, index)
+        batch["index"] = index
+        return batch
 
     def input_shapes(self) -> dict:
         return {m: list(t.shape[1:]) for m, t in self.tensors.items()}
@@ -198,5 +275,8 @@ def load_feature_data(cfg, num_classes: Optional[int] = None, seed: int = 0) -> 
     return LoadedData(train, validation, test, modalities, num_classes, shapes, notes)
 
 
-def collate(items: list) -> dict:
+def collate(items) -> dict:
+    """A list of items -> one batch; a batch already built by `FeatureDataset.__getitems__` passes through."""
+    if isinstance(items, dict):
+        return items
     return torch.utils.data.default_collate(items)
