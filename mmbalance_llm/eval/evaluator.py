@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mmbalance_llm.eval.metrics import accuracy, accuracy_ratio, imbalance, macro_f1, shapley_values, subsets
+from mmbalance_llm.eval.subset_pass import SubsetPredictor
 
 
 class recording:
@@ -54,6 +55,7 @@ def collect(model, loader, accelerator, modalities, keep_sets=(), want_features=
     model.eval()
     out = {"labels": [], "logits": [], "unimodal": {}, "features": {}, "subset_preds": {s: [] for s in keep_sets}}
     rec = recording(model, accelerator, enabled=diagnostics)
+    subset_predictions = SubsetPredictor(model, accelerator, keep_sets)  # encodes once where it can
     for batch in loader:
         inputs = {m: batch[m] for m in modalities}
         with rec:
@@ -63,9 +65,7 @@ def collect(model, loader, accelerator, modalities, keep_sets=(), want_features=
             chunk["unimodal"] = {m: z.float() for m, z in res.unimodal_logits.items()}
         if want_features:
             chunk["features"] = {m: h.float() for m, h in res.features.items()}
-        for s in keep_sets:
-            masked = {m: (x if m in s else torch.zeros_like(x)) for m, x in inputs.items()}
-            chunk[f"subset::{','.join(sorted(s))}"] = model(**masked).logits.argmax(-1)
+        chunk.update(subset_predictions(inputs, res))
         chunk = accelerator.gather_for_metrics(chunk)
         out["labels"].append(chunk["labels"])
         out["logits"].append(chunk["logits"])
