@@ -83,6 +83,27 @@ def integrate(g_mm: list, g_u: list, gamma: float, per_tensor: bool = False) -> 
     return out, conflict, (w_mm, w_u)
 
 
+def integrate_flat(a: torch.Tensor, b: torch.Tensor, gamma: float) -> tuple[torch.Tensor, bool, tuple]:
+    """`integrate` with one rescale per encoder on the encoder's flat gradients `a` = g_mm, `b` = g_m:
+    the same operations in the same order on one vector instead of one per tensor, so bitwise the same
+    result without ~10 small ops per parameter tensor."""
+    a64, b64 = a.double(), b.double()
+    gram = torch.tensor([[a64 @ a64, a64 @ b64], [a64 @ b64, b64 @ b64]])
+    w_mm, w_u, conflict = pareto_weights(gram)
+    new = 2 * (w_mm * a + w_u * b)
+    norm, total = new.norm(), (a64 + b64).norm()
+    return gamma * (total / norm if norm > 0 and total > norm else 1.0) * new, conflict, (w_mm, w_u)
+
+
+def flat_surrogate(params, flat_grad: torch.Tensor) -> torch.Tensor:
+    """`linear_surrogate` with the gradients given as one flat vector: <cat(p), G> - stopgrad(same), one
+    dot instead of a product and a sum per tensor; its backward writes exactly G's slices into p.grad."""
+    if not params:
+        return torch.zeros(())
+    lin = torch.cat([p.reshape(-1) for p in params]) @ flat_grad.detach().to(params[0].dtype)
+    return lin - lin.detach()
+
+
 @register
 class MMPareto(Balancer):
     name = "mmpareto"
@@ -140,6 +161,17 @@ class MMPareto(Balancer):
         # Rule on the global-batch gradients, so every rank integrates identically.
         flat = allreduce_mean_(self.ctx, torch.cat([flatten(g_mm), flatten(g_u)]))
         n = flat.numel() // 2
+        if self.config.rescale == "encoder":  # the default: one flat vector per encoder (cheaper, same bits)
+            combined, start = [], 0
+            for m in mods:
+                k = sum(p.numel() for p in self._params[m])
+                new, conflict, w = integrate_flat(flat[start:start + k], flat[n + start:n + start + k],
+                                                  self.config.gamma)
+                combined.append(new)
+                start += k
+                logs[f"pareto_conflict_{m}"] = float(conflict)
+                logs[f"pareto_w_mm_{m}"] = w[0]
+            return flat_surrogate(params, torch.cat(combined))
         g_mm, g_u = unflatten(flat[:n], g_mm), unflatten(flat[n:], g_u)
         combined, start = [], 0
         for m in mods:
