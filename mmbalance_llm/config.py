@@ -104,6 +104,12 @@ class TrainConfig:
     log_every_steps: int = _help("Log training loss every this many steps.", default=10)
     progress: bool = _help("Show tqdm progress bars (main process only).", default=True)
     plots: bool = _help("Write PNG curves at the end of training.", default=True)
+    num_threads: Optional[int] = _help(
+        "CPU threads torch uses in each process (intra-op). null: OMP_NUM_THREADS when set, else 1 per process "
+        "(measured fastest for the tiny quick-start models, and it does not collapse when other jobs share "
+        "the CPUs; docs/speed.md). Set it higher for large models on an otherwise idle CPU.",
+        default=None,
+    )
 
 
 @dataclass
