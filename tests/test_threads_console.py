@@ -64,3 +64,13 @@ def test_quiet_dependencies_keeps_the_users_environment(monkeypatch):
     assert os.environ["TRANSFORMERS_VERBOSITY"] == "info"
     quiet_dependencies(True)  # removes the DeepSpeed filter again
     assert not logging.getLogger("DeepSpeed").filters
+
+
+def test_report_details_is_a_table():
+    from mmbalance_llm.eval.report_html import details_table
+
+    out = details_table({"shapley_phi_mean": {"image": 0.25, "text": 0.123456789},
+                         "delta_logp_blank_mean": {"image": -1.5}, "steps": 40, "note": "<b>x</b>"})
+    assert out.startswith("<table>") and "<pre>" not in out and "{" not in out
+    assert "<th>image</th><th>text</th><th>value</th>" in out and "<td>0.1235</td>" in out
+    assert "mean modality Shapley value" in out and "&lt;b&gt;x&lt;/b&gt;" in out and "<td>40</td>" in out

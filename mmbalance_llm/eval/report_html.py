@@ -134,6 +134,40 @@ def _token_html(sample: dict, method: str) -> str:
     return "".join(out)
 
 
+_DETAIL_LABELS = {
+    "shapley_phi_mean": "mean modality Shapley value φ (token Shapley)",
+    "delta_logp_blank_mean": "mean Δ log p of the answer when the modality is blanked",
+}
+
+
+def _cell(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return html.escape(str(value))
+    return f"{value:.4g}"
+
+
+def details_table(extras: dict) -> str:
+    """Method extras as a table: one row per entry, one column per key of the nested dicts (usually the
+    modalities); entries that are not dicts get a single value column."""
+    columns = []
+    for v in extras.values():
+        for k in (v if isinstance(v, dict) else {}):
+            if k not in columns:
+                columns.append(k)
+    flat = any(not isinstance(v, dict) for v in extras.values())
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns) + ("<th>value</th>" if flat else "")
+    rows = [f"<table><tr><th>quantity</th>{head}</tr>"]
+    for key, v in extras.items():
+        label = html.escape(_DETAIL_LABELS.get(key, str(key)))
+        if isinstance(v, dict):
+            cells = "".join(f"<td>{_cell(v[c]) if c in v else ''}</td>" for c in columns) + ("<td></td>" if flat else "")
+        else:
+            cells = "<td></td>" * len(columns) + f"<td>{_cell(v)}</td>"
+        rows.append(f"<tr><td title='{html.escape(str(key))}'>{label}</td>{cells}</tr>")
+    rows.append("</table>")
+    return "".join(rows)
+
+
 _CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1200px} table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right} th{background:#f4f4f4}
 td:first-child,th:first-child{text-align:left} .span{display:inline-block;border:2px solid;border-radius:4px;
@@ -171,7 +205,7 @@ def render_report(summary: dict, out_dir, heatmap_method: str | None = None, max
         if key in paths:
             h.append(f"<h3>{ttl}</h3>{_img(paths[key])}")
     if summary.get("extras"):
-        h.append("<h3>Details</h3><pre>" + html.escape(str(summary["extras"])) + "</pre>")
+        h.append("<h3>Details</h3>" + details_table(summary["extras"]))
     h.append(f"<h2>Per sample (heatmap: |{hm}|, darker = larger)</h2>")
     for s in samples:
         h.append(f"<h3>{html.escape(str(s.get('id')))}</h3>")
