@@ -273,7 +273,7 @@ def test_resume_inside_a_resampled_epoch_matches_the_uninterrupted_run(tiny_data
         return Trainer(recipe_from_dict(raw)).fit()
 
     full = run("full")
-    assert run("cut", max_steps=12) is None  # stops inside epoch 2, which is longer than 8 steps
+    assert run("cut", stop_after_steps=12) is None  # stops inside epoch 2, which is longer than 8 steps
     assert run("cut", resume_from="latest") == full
 
 

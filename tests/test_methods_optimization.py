@@ -349,10 +349,10 @@ def test_resume_reaches_the_same_result(tiny_data, tmp_path, method, balance, st
     train = {**FAST, "epochs": 2}
     full_raw = tiny_recipe(tiny_data(), str(tmp_path / "full"), method, train=train, balance={"method": method, **balance})
     full = Trainer(recipe_from_dict(full_raw)).fit()
-    raw = tiny_recipe(tiny_data(), str(tmp_path / "part"), method, train={**train, "max_steps": stop_at},
+    raw = tiny_recipe(tiny_data(), str(tmp_path / "part"), method, train={**train, "stop_after_steps": stop_at},
                       balance={"method": method, **balance})
     assert Trainer(recipe_from_dict(raw)).fit() is None
-    raw["train"].update(max_steps=None, resume_from="latest")
+    raw["train"].update(stop_after_steps=None, resume_from="latest")
     assert json.dumps(Trainer(recipe_from_dict(raw)).fit()) == json.dumps(full)
 
 

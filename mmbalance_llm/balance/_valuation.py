@@ -38,7 +38,7 @@ class ResamplingState:
     def train_loader(self, epoch):
         if not self.copies:
             return None
-        return resample_loader(self.ctx, self.ctx.trainer.data.train, self.copies, epoch)
+        return resample_loader(self.ctx, self.ctx.train_dataset, self.copies, epoch)
 
     def state_dict(self):
         return {"copies": copies_to_tensor(self.copies, self.ctx.modalities if self.ctx else [])}
@@ -134,9 +134,9 @@ class ResampleBatchSampler:
 def resample_loader(ctx, dataset, copies: list, epoch: int):
     """A prepared (sharded, device-placing) training loader over `dataset` plus `copies`."""
     cfg = ctx.recipe.train
-    sampler = ResampleBatchSampler(len(dataset), copies, cfg.batch_size, ctx.accelerator.num_processes, cfg.seed)
+    sampler = ResampleBatchSampler(len(dataset), copies, cfg.per_device_train_batch_size, ctx.accelerator.num_processes, cfg.seed)
     sampler.set_epoch(epoch)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=ctx.recipe.data.num_workers)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=ctx.num_workers)
     return ctx.accelerator.prepare_data_loader(loader)
 
 

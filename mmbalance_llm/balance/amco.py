@@ -84,8 +84,7 @@ class AMCo(Balancer):
         self._stats = {}
 
     def progress(self) -> float:
-        trainer = self.ctx.trainer
-        total = max(1, self.ctx.recipe.train.epochs * getattr(trainer, "steps_per_epoch", 1))
+        total = max(1, self.ctx.total_steps)
         return self.ctx.global_step / total
 
     def _mask_output(self, output):

@@ -122,7 +122,7 @@ class GBlending(Balancer):
             net.train()
             lt0, lv0 = self._losses(net, keep)
             params = [p for p in net.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
             loader = self.ctx.loaders["train"]
             for e in range(self.config.super_epoch):
                 if hasattr(loader, "set_epoch"):

@@ -112,31 +112,21 @@ class MLA(Balancer):
             if k != m:
                 self.projectors[k] = owm_update(self.projectors[k], r.to(self.projectors[k].device), self._a)
 
-    def _substep(self, trainer, model, batch):
-        acc, cfg = trainer.accelerator, trainer.recipe.train
-        with acc.accumulate(model):
-            outputs = self.forward(model, batch)
-            loss, _ = self.loss(model, batch, outputs)
-            acc.backward(loss)
-            self.after_backward(model, trainer.state["global_step"])
-            if cfg.grad_clip:
-                acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            trainer.optimizer.step()
-            trainer.optimizer.zero_grad()
-
-    def _train_epoch(self, trainer, model, loader, epoch):
-        """Every batch: one optimizer step per modality; the last one is the trainer's own step, which
-        also steps the schedule once per batch and does the logging and checkpointing."""
-        mods = self.ctx.modalities
-        n = max(1, len(trainer.train_loader))
+    def _train_epoch(self, model, loader, epoch):
+        """Every batch: one optimizer step per modality through the loop's public optimizer step; the last
+        one is the loop's full training step, which also steps the schedule once per batch and does the
+        logging and checkpointing."""
+        ctx = self.ctx
+        mods = ctx.modalities
+        n = max(1, len(ctx.loaders["train"]))
         for batch in loader:
-            self._a = self.config.a0 ** (1 + trainer.state["batches_done"] / n)
+            self._a = self.config.a0 ** (1 + ctx.batches_done / n)
             for m in mods[:-1]:
                 self.current = m
-                self._substep(trainer, model, batch)
+                ctx.optimizer_step(batch)
             self.current = mods[-1]
-            trainer.training_step(batch)
-            if trainer._stop_requested():
+            ctx.training_step(batch)
+            if ctx.stop_requested():
                 break
 
     def state_dict(self):

@@ -76,16 +76,16 @@ class ModalityValuation(ResamplingState, Balancer):
         c, ctx = self.config, self.ctx
         if epoch < c.warmup_epochs or c.alpha == 0:
             return
-        data = ctx.trainer.data.train
+        data = ctx.train_dataset
         n = len(data)
         gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + epoch)
         part = torch.randperm(n, generator=gen)[: max(1, int(c.part_ratio * n))].sort().values
         loader = ctx.accelerator.prepare_data_loader(
-            subset_loader(data, part, ctx.recipe.train.eval_batch_size, ctx.recipe.data.num_workers))
+            subset_loader(data, part, ctx.eval_batch_size, ctx.num_workers))
         # Subset items carry their original index, so the table is indexed by training-set position.
         phi, full = sample_shapley(model, loader, ctx.accelerator, ctx.modalities, n)
         phi_mean = torch.nanmean(resampling_score(phi, full)[part], dim=0)
         self.copies, disc = modality_copies(phi_mean, ctx.modalities, n, c.alpha, gen)
         stats = {f"phi_{m}": float(v) for m, v in zip(ctx.modalities, phi_mean)}
         stats.update(discrepancy=disc, resampled=len(self.copies))
-        ctx.trainer.logger.log({"step": ctx.global_step, "epoch": epoch + 1, "split": "valuation", **stats})
+        ctx.log({"step": ctx.global_step, "epoch": epoch + 1, "split": "valuation", **stats})

@@ -83,8 +83,9 @@ class ReconBoost(Balancer):
         t = self.config.t_epochs
         return [("boost", m, pre)] * t + [("ensemble", None, None)] * t
 
-    def _train_epoch(self, trainer, model, loader, epoch):
-        base, done = trainer.train_loader, trainer.state["batches_done"]
+    def _train_epoch(self, model, loader, epoch):
+        ctx = self.ctx
+        base, done = ctx.loaders["train"], ctx.batches_done
         n, schedule = len(base), self.schedule(epoch)
         for i, stage in enumerate(schedule):
             if done >= (i + 1) * n:
@@ -94,10 +95,10 @@ class ReconBoost(Balancer):
             # A seeded order per (epoch, pass): the sampler would otherwise advance its epoch after every
             # full pass, and a resumed run (which skips passes) would see other orders than an uninterrupted one.
             base.set_epoch(epoch * len(schedule) + i)
-            batches = trainer.accelerator.skip_first_batches(base, offset) if offset > 0 else base
+            batches = ctx.accelerator.skip_first_batches(base, offset) if offset > 0 else base
             for batch in batches:
-                trainer.training_step(batch)
-                if trainer._stop_requested():
+                ctx.training_step(batch)
+                if ctx.stop_requested():
                     return
         self._stage = ("ensemble", None, None)
 

@@ -103,12 +103,10 @@ class RollingQ(Balancer):
         if rotated:
             self.rotations += 1
             core.config.rotation_count = int(core.config.rotation_count) + 1
-        trainer = getattr(self.ctx, "trainer", None)
-        if trainer is not None:
-            trainer.logger.log({"step": self.ctx.global_step, "epoch": epoch + 1, "split": "rollingq",
-                                "air": float(info["air"].mean()), "rotated_heads": int(info["rotated"].sum()),
-                                "rotation_angle_deg": float(info["angle"][info["rotated"]].mean()) if rotated else 0.0,
-                                "rotations": self.rotations})
+        self.ctx.log({"step": self.ctx.global_step, "epoch": epoch + 1, "split": "rollingq",
+                      "air": float(info["air"].mean()), "rotated_heads": int(info["rotated"].sum()),
+                      "rotation_angle_deg": float(info["angle"][info["rotated"]].mean()) if rotated else 0.0,
+                      "rotations": self.rotations})
 
     def state_dict(self) -> dict:
         return {"rotations": self.rotations}

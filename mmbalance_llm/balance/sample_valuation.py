@@ -78,11 +78,11 @@ class SampleValuation(ResamplingState, Balancer):
         if epoch < self.config.warmup_epochs:
             return
         ctx = self.ctx
-        data = ctx.trainer.data.train
+        data = ctx.train_dataset
         phi, full = sample_shapley(model, ctx.loaders["train_eval"], ctx.accelerator, ctx.modalities, len(data))
         c = self.config
         self.copies = copies_for(resampling_score(phi, full), ctx.modalities, c.high, c.low1, c.low2)
         mean = torch.nanmean(phi, dim=0)
         self.stats = {f"phi_{m}": float(v) for m, v in zip(ctx.modalities, mean)}
         self.stats["resampled"] = len(self.copies)
-        ctx.trainer.logger.log({"step": ctx.global_step, "epoch": epoch + 1, "split": "valuation", **self.stats})
+        ctx.log({"step": ctx.global_step, "epoch": epoch + 1, "split": "valuation", **self.stats})
