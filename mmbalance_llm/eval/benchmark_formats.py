@@ -101,8 +101,7 @@ def _images_of(path, header, rows, media_dir, stem, allow_outside):
         for line, r in rows:
             if _blank(cells[line]) if isinstance(cells[line], str) else not cells[line]:
                 raise _err(path, line, "missing field 'image'")
-            out[line] = row_images(path, line, cells[line], md, f"{stem}-{str(r.get('index', line)).strip()}",
-                                   root, allow_outside)
+            out[line] = row_images(path, line, cells[line], md, stem, root, allow_outside)  # stored by content
         return out
     if "image_path" in header:
         return {line: [media_path(path, line, root, _need(path, line, r, "image_path"), "image", allow_outside)]
