@@ -99,9 +99,10 @@ def _images_of(path, header, rows, media_dir, stem, allow_outside):
         md = _media_dir(path, media_dir)
         out = {}
         for line, r in rows:
-            if _blank(cells[line]) if isinstance(cells[line], str) else not cells[line]:
+            cell = cells[line]
+            if (_blank(cell) if isinstance(cell, str) else not cell):
                 raise _err(path, line, "missing field 'image'")
-            out[line] = row_images(path, line, cells[line], md, stem, root, allow_outside)  # stored by content
+            out[line] = row_images(path, line, cell, md, stem, root, allow_outside)  # stored by content
         return out
     if "image_path" in header:
         return {line: [media_path(path, line, root, _need(path, line, r, "image_path"), "image", allow_outside)]
@@ -152,7 +153,7 @@ def _splits(v) -> list:
 
 
 def load_pope(path, image_root=None, allow_outside_media: bool = False, table=None) -> list:
-    if Path(path).suffix == ".jsonl" or (table is None and Path(path).suffix == ".json"):
+    if table is None and not _tabular(Path(path)):
         return _load_pope_jsonl(path, image_root, allow_outside_media)
     header, rows = _table(path, table)
     for col in ("question", "answer"):
