@@ -170,7 +170,10 @@ def load_conversations(path: str | Path, media_root: str | Path | None = None, c
     path = Path(path)
     if not path.is_file():
         raise ChatDataError(f"{path}: data file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ChatDataError(f"{path}: not a UTF-8 JSON/JSONL file") from None
     try:
         data = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
     except json.JSONDecodeError as e:
