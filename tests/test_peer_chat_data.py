@@ -129,9 +129,16 @@ def test_video_patches_match_the_image_layout_for_a_still_clip(demo):
     ref = ip(images=[im], return_tensors="pt")
     assert thw.tolist() == ref["image_grid_thw"].tolist()
     assert torch.equal(pv, ref["pixel_values"])
-    other = Image.new("RGB", im.size, (0, 0, 0))
+    # two different frames: each patch vector is (channel, time, patch, patch), the video processor's layout
+    other = Image.open(demo / "mllm_demo_data" / "3.jpg").convert("RGB")
     pv2, thw2 = _video_patches(ip, [im, other, other, im])
-    assert thw2[0, 0] == 2 and not torch.equal(pv2[: len(pv)], pv)  # frames 0 and 1 share a temporal patch
+    assert thw2.tolist() == [[2, *ref["image_grid_thw"][0, 1:].tolist()]]
+    c, tp, p = 3, ip.temporal_patch_size, ip.patch_size
+    per = {k: ip(images=[f], return_tensors="pt")["pixel_values"].reshape(-1, c, tp, p, p)[:, :, 0]
+           for k, f in (("a", im), ("b", other))}
+    v = pv2.reshape(2, -1, c, tp, p, p)
+    for t, (first, second) in enumerate((("a", "b"), ("b", "a"))):
+        assert torch.equal(v[t, :, :, 0], per[first]) and torch.equal(v[t, :, :, 1], per[second])
 
 
 def test_video_frame_sampling(demo):
