@@ -86,7 +86,8 @@ def write_llamafactory(out: Path) -> dict:
         "mllm_audio_demo.json": [
             {"messages": turns("<audio>What's that sound?", "It is the sound of glass shattering."),
              "audios": ["mllm_demo_data/1.mp3"]},
-            {"messages": turns("<audio>What can you hear?", "A woman is coughing."), "audios": ["mllm_demo_data/2.wav"]},
+            {"messages": turns("<audio>What can you hear?", "A woman is coughing."),
+             "audios": ["mllm_demo_data/2.wav"]},
             {"messages": turns("<audio>What does the person say?", "Mister Quiller is the apostle of the middle "
                                                                     "classes and we are glad to welcome his gospel."),
              "audios": ["mllm_demo_data/3.flac"]}],

@@ -189,7 +189,6 @@ def test_lmms_eval_parquet_layouts(tmp_path):
     assert detect_format(mme) == "mme"
     fmt, items = load_benchmark(mme, media_dir=tmp_path / "m")
     assert fmt == "mme" and len(items) == 6 and items[0].group == "color/color/1.jpg"
-    preds = {it.id: p for it, p in zip(items, ["yes", "no", "yes", "yes", "yes", "no"])}
     # ids repeat within a pair (question_id), so score by position
     preds = dict(zip(range(6), ["yes", "no", "yes", "yes", "yes", "no"]))
     for k, it in enumerate(items):
@@ -202,7 +201,8 @@ def test_lmms_eval_parquet_layouts(tmp_path):
     pope = _parquet(tmp_path / "pope.parquet", {
         "id": [str(i) for i, *_ in POPE_ROWS], "question_id": [str(i) for i, *_ in POPE_ROWS],
         "question": [f"Is there a cat {i}?" for i, *_ in POPE_ROWS], "answer": [a.lower() for _, a, _, _ in POPE_ROWS],
-        "image_source": ["COCO_val2014_000000001"] * 5, "image": [red] * 5, "category": [c for _, _, c, _ in POPE_ROWS]})
+        "image_source": ["COCO_val2014_000000001"] * 5, "image": [red] * 5,
+        "category": [c for _, _, c, _ in POPE_ROWS]})
     assert detect_format(pope) == "pope"
     _check_pope(*reversed(load_benchmark(pope, media_dir=tmp_path / "m")))
 

@@ -67,7 +67,8 @@ def demo(tmp_path_factory):
     turn = lambda q, a: [{"content": q, "role": "user"}, {"content": a, "role": "assistant"}]  # noqa: E731
     (root / "mllm_demo.json").write_text(json.dumps([
         {"messages": turn("<image>Who are they?", "They're Kane and Gretzka from Bayern Munich.")
-         + turn("What are they doing?", "They are celebrating on the soccer field."), "images": ["mllm_demo_data/1.jpg"]},
+         + turn("What are they doing?", "They are celebrating on the soccer field."),
+         "images": ["mllm_demo_data/1.jpg"]},
         {"messages": turn("<image>Who is he?", "He's Thomas Muller from Bayern Munich."),
          "images": ["mllm_demo_data/2.jpg"]}], indent=2))
     (root / "mllm_audio_demo.json").write_text(json.dumps([
@@ -169,7 +170,8 @@ def test_system_conversations_with_media_lists_and_trl_parts(tmp_path, demo):
                            {"from": "gpt", "value": "red"}], "images": [img], "system": "Answer in one word."},
         {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
                       {"role": "assistant", "content": [{"type": "text", "text": "red"}]}], "images": [img]},
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Look: "}, {"type": "image", "image": img}]},
+        {"messages": [{"role": "user",
+                       "content": [{"type": "text", "text": "Look: "}, {"type": "image", "image": img}]},
                       {"role": "assistant", "content": "red"}]},
     ]
     p = tmp_path / "mixed.jsonl"

@@ -75,7 +75,8 @@ def _parts_to_text(parts, where, k, inline):
             path = next((part[x] for x in _PATH_KEYS if isinstance(part.get(x), str)), None)
             inline[kind].append(path)
         else:
-            raise ChatDataError(f"{where}: message {k} part {j} has type {kind!r}; expected text, image, video or audio")
+            raise ChatDataError(f"{where}: message {k} part {j} has type {kind!r}; "
+                                "expected text, image, video or audio")
     return "".join(out)
 
 
