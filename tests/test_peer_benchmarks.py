@@ -271,3 +271,13 @@ def test_video_items_are_scored_through_qwen2_vl(tmp_path):
     lp = {c: ev["samples"][0]["conditions"][c]["logprobs"] for c in ev["conditions"]}
     assert not np.allclose(lp["full"], lp["drop_video"])  # the video reached the model
     assert evaluate_reliance(FixedScorer({"v": "yes"}), items, fmt)["ignored_media"] == ["video"]  # LLaVA-like
+
+
+def test_vlmevalkit_image_list_cell_gives_several_images(tmp_path):
+    a, b = _b64(_pic((200, 0, 0))), _b64(_pic((0, 0, 200)))
+    df = pd.DataFrame([(0, str([a, b]), "Which picture is red?", "first", "second", "A", "c", "l2")],
+                      columns=["index", "image", "question", "A", "B", "answer", "category", "l2-category"])
+    p = tmp_path / "multi.tsv"
+    df.to_csv(p, sep="\t", index=False)
+    _, items = load_benchmark(p, media_dir=tmp_path / "m")
+    assert len(items[0].images) == 2 and items[0].images[0] != items[0].images[1]
