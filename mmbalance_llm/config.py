@@ -135,6 +135,9 @@ class ChatDataConfig:
     cache_dir: Optional[str] = _help(
         "Where the preprocessed splits are cached (fingerprinted by data, processor and settings); "
         "default: the datasets cache folder.", default=None)
+    video_fps: float = _help("Frames per second sampled from a video file (Qwen2-VL / Qwen2.5-VL video).",
+                             default=2.0, min=0.0, min_exclusive=True)
+    video_max_frames: int = _help("At most this many frames per video.", default=16, min=1)
 
 
 @dataclass

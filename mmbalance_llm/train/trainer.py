@@ -72,6 +72,11 @@ class Trainer:
         self.model, self.optimizer, self.train_loader, self.scheduler = acc.prepare(
             model, optimizer, train_loader, scheduler)
         task.setup(acc, self.model, self.make_loader)
+        from accelerate.optimizer import AcceleratedOptimizer
+
+        plain = (type(self.optimizer) is AcceleratedOptimizer and self.optimizer.scaler is None
+                 and acc.distributed_type.name in ("NO", "MULTI_CPU", "MULTI_GPU"))
+        self._raw_optimizer = self.optimizer.optimizer if plain else None
 
         self.state = {"global_step": 0, "epoch": 0, "batches_done": 0, "best_metric": None, "best_step": None,
                       "best_epoch": None, "best_validation": None, "before_training": None}
@@ -151,8 +156,15 @@ class Trainer:
                 self.balancer.after_backward(self.model, self.state["global_step"])
                 if cfg.max_grad_norm:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad()
+            if self._raw_optimizer is not None:
+                # What AcceleratedOptimizer.step / zero_grad do here, without their per-step package look-ups
+                # (lomo availability, inspect.signature): ~7% of a small model's step.
+                if acc.sync_gradients:
+                    self._raw_optimizer.step()
+                    self._raw_optimizer.zero_grad(set_to_none=True)
+            else:
+                self.optimizer.step()
+                self.optimizer.zero_grad()
         return loss, logs
 
     def training_step(self, batch: dict) -> None:

@@ -82,7 +82,8 @@ class SFTTask(Task):
         self.processor = load_processor(self.model_path)
         self.modalities = list(self.mmap.modalities) + ["text"]
         self.dtype = getattr(torch, r.model.dtype)
-        self.collator = ChatCollator(self.processor, self.model_config, max_length=d.max_length)
+        self.collator = ChatCollator(self.processor, self.model_config, max_length=d.max_length,
+                                     video_fps=d.video_fps, video_max_frames=d.video_max_frames)
         if datasets is not None:
             splits = {s: list(datasets[s]) for s in ("train", "validation", "test") if s in datasets}
             sources = {s: f"datasets['{s}']" for s in splits}
@@ -103,7 +104,7 @@ class SFTTask(Task):
 
         cache_dir = d.cache_dir or os.path.join(hf_datasets.config.HF_DATASETS_CACHE, "mmbalance_llm_sft")
         settings = {"processor": processor_identity(self.model_path), "model_type": self.model_config.model_type,
-                    "max_length": d.max_length}
+                    "max_length": d.max_length, "video_fps": d.video_fps, "video_max_frames": d.video_max_frames}
         keys = None
         self.preprocessed = {}
         for s in splits:  # every split once: a bad sample fails here, by name, before anything is written

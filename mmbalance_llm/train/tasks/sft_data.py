@@ -31,7 +31,8 @@ def fingerprint(records: list, settings: dict) -> str:
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for r in records:
         h.update(json.dumps(r, sort_keys=True, default=str).encode())
-        for p in list(r.get("images") or []) + list(r.get("audios") or []) + list(r.get("videos") or []):
+        videos = [p for v in r.get("videos") or [] for p in ([v] if isinstance(v, str) else v)]
+        for p in list(r.get("images") or []) + list(r.get("audios") or []) + videos:
             h.update(json.dumps(_media_stat(p)).encode())
     return h.hexdigest()[:32]
 
