@@ -2,6 +2,7 @@
 
 Li, Li, Hu, Yang, Xie, Zhu, Tang, "Boosting Multi-modal Model Performance with Adaptive Gradient
 Modulation", ICCV 2023. Stage: optimization.
+Follows: lihong2303/AGM_ICCV2023@5a65542c70b1c7c15c5df291e77fa9cf2bbb9549:main.py (CREMA-D setting, alpha 1.5).
 
 Per step:
 1. Shapley unimodal logits. f(S) is the fused logits with the inputs outside S zero-padded. For every m,
@@ -27,7 +28,9 @@ M > 2: supported, over all 2^M subsets (exact Shapley weights); cost grows as 2^
 Differences from the reference code, on purpose: the empty-set term is included; the scaling acts on the
 gradient flowing into h_m (a tensor hook), which scales exactly encoder m's parameters and works under
 DDP/DeepSpeed; the original's "clip grad norm to 5 when a head grad exceeds 5" is left to `train.grad_clip`.
-alpha = 0 reproduces the baseline exactly.
+BalanceBenchmark (balancemm/trainer/AGM_trainer.py) uses the opposite sign of the ratio,
+exp(M/(M-1) (s_m - mean_k s_k)), so it speeds up the modality the original slows down; this module keeps the
+original sign. alpha = 0 reproduces the baseline exactly.
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""`none`: the plain baseline, fused cross-entropy only."""
+"""`none`: the plain baseline, fused cross-entropy only.
+
+Follows: paper only (plain joint training with one fused cross-entropy). Differences: none.
+"""
 from mmbalance_llm.balance import register
 from mmbalance_llm.balance.base import Balancer
 

@@ -2,6 +2,8 @@
 
 Wei, Feng, Wang, Hu, "Enhancing Multimodal Cooperation via Sample-level Modality Valuation", CVPR 2024.
 Stage: data.
+Follows: GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation@7ed12b07ee7d233aa835089185c909aaa3ff6b1e:
+code/sample_level.py (thresholds, warm-up; the paper's CREMA-D setting).
 
 At the start of every epoch from `warmup_epochs` on, each training sample i gets a Shapley value per
 modality, phi_i^m, with utility v(S) = 1[prediction with only S kept is correct], v(empty) measured with
@@ -16,9 +18,14 @@ M > 2: yes (exact Shapley over all 2^M coalitions, thresholds per modality).
 
 Distributed: every rank values its shard of the ordered training data; the table is gathered so all ranks
 build the same copy list, and the sampler shards whole batches so each copy lands on one rank once.
+1 vs 2 processes: the re-sampled epoch is cut into *global* batches first (balance/_valuation.py,
+`ResampleBatchSampler`), which are then split between the ranks, so at the same global batch both runs see
+the same samples per step. When a global batch has an odd size the two ranks' halves differ by one sample
+and DDP's average of the two per-rank mean losses weighs those samples slightly differently from the
+1-process mean (the only remaining difference).
 
 Differences from the reference code, on purpose: BB's per-sample Shapley routine reads a misspelled
-attribute and crashes, and METHODS.md's summary of BB uses the upper bound 1 (the original code 0.9,
+attribute and crashes, and BB's threshold table uses the upper bound 1 (the original code 0.9,
 kept here). The original assumes v(empty) = 0, which credits a signal-free modality whenever the blank
 prediction is right; here v(empty) is measured. The original computes contributions with a dropped *feature*; here inputs are zeroed, the same
 operation the copies and the evaluator's Shapley metric use. The valuation runs on `train_eval` (ordered,
