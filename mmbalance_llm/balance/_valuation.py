@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from mmbalance_llm.data.features import collate
@@ -39,6 +40,19 @@ class ResamplingState:
         if not self.copies:
             return None
         return resample_loader(self.ctx, self.ctx.trainer.data.train, self.copies, epoch)
+
+    def loss(self, model, batch, outputs):
+        """Fused CE as the mean over the *global* batch: re-sampled global batches of odd size split into
+        unequal per-rank pieces, where DDP's average of per-rank means would weigh samples unevenly. Each
+        rank's summed CE is scaled by W / n_global, so DDP's average is the global mean (one process: the
+        plain mean, untouched)."""
+        ctx = self.ctx
+        if ctx is None or ctx.accelerator.num_processes == 1:
+            return super().loss(model, batch, outputs)
+        labels = batch["labels"]
+        total = F.cross_entropy(outputs.logits, labels, reduction="sum")
+        count = ctx.reduce_sum(torch.tensor(float(len(labels)), device=outputs.logits.device))
+        return total * ctx.accelerator.num_processes / count.clamp_min(1), {}
 
     def state_dict(self):
         return {"copies": copies_to_tensor(self.copies, self.ctx.modalities if self.ctx else [])}

@@ -20,9 +20,10 @@ Distributed: every rank values its shard of the ordered training data; the table
 build the same copy list, and the sampler shards whole batches so each copy lands on one rank once.
 1 vs 2 processes: the re-sampled epoch is cut into *global* batches first (balance/_valuation.py,
 `ResampleBatchSampler`), which are then split between the ranks, so at the same global batch both runs see
-the same samples per step. When a global batch has an odd size the two ranks' halves differ by one sample
-and DDP's average of the two per-rank mean losses weighs those samples slightly differently from the
-1-process mean (the only remaining difference).
+the same samples per step; a global batch of odd size splits into pieces that differ by one sample, so the
+loss is the summed CE scaled by W / (global batch size) (`ResamplingState.loss`), whose DDP average is the
+1-process mean. Measured: max |parameter difference| after 2 epochs, 1 process at batch 32 vs 2 at 16,
+is float rounding (see docs/datastage.md).
 
 Differences from the reference code, on purpose: BB's per-sample Shapley routine reads a misspelled
 attribute and crashes, and BB's threshold table uses the upper bound 1 (the original code 0.9,
