@@ -43,9 +43,9 @@ class ModalityValuationConfig(BalancerConfig):
 
 def modality_copies(phi_mean: torch.Tensor, modalities, num_samples: int, alpha: float, gen: torch.Generator):
     """(copies, discrepancy) from the mean contribution scores c_m over Z (gap_m = 1 - c_m)."""
-    gap = 1.0 - phi_mean
+    gap = 1.0 - phi_mean.double()  # float64 and the official operation order: int() sits on a step
     spread = float(gap.max() - gap.min())
-    discrepancy = (2.0 / 3.0) * alpha * spread
+    discrepancy = spread / 3 * 2 * alpha
     k = int(discrepancy * num_samples)
     if k <= 0 or spread <= 0:
         return [], discrepancy

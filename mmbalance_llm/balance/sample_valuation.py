@@ -10,7 +10,9 @@ modality, phi_i^m, with utility v(S) = 1[prediction with only S kept is correct]
 all inputs zeroed (balance/_valuation.py; a modality that never changes the outcome scores 0). Every modality m of sample i
 then gets extra copies of i that keep only m (others zeroed), the more the lower its contribution score
 c = phi_i^m + v_i(full) / M (the original code's scale, exact for M = 2): 1 copy if low1 < c < high, 2 if
-low2 < c <= low1, 3 if c <= low2 (defaults 0.9 / 0.4 / -0.1, the original code's thresholds). The copies
+low2 < c <= low1, 3 if c <= low2 (defaults 1 / 0.4 / -0.1, the official code's `0.4 < c < 1`,
+`-0.1 < c < 0.4`, `c < -0.1` in code/datasets/dataloader.py; the scores lie on a lattice of 1/(2M) steps, so
+the closed ends never matter for M = 2). The copies
 are added to that epoch's data.
 
 Defaults: warmup_epochs = 5 (the original script's warm-up; valuation first runs before epoch 5).
@@ -26,8 +28,7 @@ loss is the summed CE scaled by W / (global batch size) (`ResamplingState.loss`)
 is float rounding (see docs/datastage.md).
 
 Differences from the reference code, on purpose: BB's per-sample Shapley routine reads a misspelled
-attribute and crashes, and BB's threshold table uses the upper bound 1 (the original code 0.9,
-kept here). The original assumes v(empty) = 0, which credits a signal-free modality whenever the blank
+attribute and crashes. The original assumes v(empty) = 0, which credits a signal-free modality whenever the blank
 prediction is right; here v(empty) is measured. The original computes contributions with a dropped *feature*; here inputs are zeroed, the same
 operation the copies and the evaluator's Shapley metric use. The valuation runs on `train_eval` (ordered,
 no augmentation), never on validation or test. The learning-rate schedule still counts the un-resampled
@@ -47,7 +48,7 @@ from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 @dataclass
 class SampleValuationConfig(BalancerConfig):
     warmup_epochs: int = hp(5, "Epochs of plain training before the first valuation (0-based epoch of the first re-sampling).")
-    high: float = hp(0.9, "Score at or above this: no extra copy.")
+    high: float = hp(1.0, "Score at or above this: no extra copy (official 1).")
     low1: float = hp(0.4, "low1 < score < high: 1 copy; low2 < score <= low1: 2 copies.")
     low2: float = hp(-0.1, "Score <= low2: 3 copies.")
 
