@@ -335,7 +335,7 @@ def row_greedy():
             continue
         wn_main, wn_bypass, gn_main, gn_bypass = [0.0] * 2, [0.0] * 2, [0.0] * 2, [0.0] * 2
         for name, parameter in model.named_parameters():
-            wn, gn = float((parameter ** 2).sum()), float((parameter.grad ** 2).sum())
+            wn, gn = float((parameter.detach() ** 2).sum()), float((parameter.grad ** 2).sum())
             if "mmtm" in name:
                 shared = True
                 for ind, modal in enumerate(MODS):
