@@ -89,7 +89,7 @@ def setup(name, model, ctx=None, **hp):
 
 def true_prob_sum(z, y):
     """Official score: sum([softmax(z)[i][y[i]] for i in range(B)])."""
-    p = torch.softmax(z.double(), 1)
+    p = torch.softmax(z.detach().double(), 1)
     return sum(p[i, y[i]] for i in range(len(y)))
 
 
