@@ -637,18 +637,42 @@ def row_none():
     return loss.reshape(1), F.cross_entropy(out.logits, batch["labels"]).reshape(1)
 
 
+def row_rollingq():
+    """GeWu-Lab/RollingQ_ICML2025@23f116282b1603da690ae4d5dc43d188c1bcc18d:method.py (`set_rotary_matrix`):
+    alpha = (1 + tanh(-sigma AIR)) / 2, target = alpha mu_a/|mu_a| + (1 - alpha) mu_v/|mu_v| scaled to |q|,
+    and utils/utils.py (`compute_rotation_matrix`): W = U V^T of svd(outer(Y, X)), det +1, W q^ = t^."""
+    from mmbalance_llm.models.rolling_query import balanced_target, rotation_to
+
+    gen = torch.Generator().manual_seed(7)
+    mu = torch.randn(2, 6, generator=gen, dtype=torch.float64)
+    q = torch.randn(6, generator=gen, dtype=torch.float64)
+    a = torch.tensor([0.6, 0.15], dtype=torch.float64)
+    sigma = 1.5
+    ours_t = balanced_target(mu, a, sigma, q.norm())
+    ours_rq = rotation_to(q, ours_t, "svd") @ q
+    air = float(a[0] - a[1])
+    alpha = (1 + math.tanh(-sigma * air)) / 2
+    target = alpha * mu[0] / mu[0].norm() + (1 - alpha) * mu[1] / mu[1].norm()
+    target = target * q.norm() / target.norm()
+    x, y = q / q.norm(), target / target.norm()
+    u, _, vt = torch.linalg.svd(torch.outer(y, x))
+    w = u @ vt
+    if torch.det(w) < 0:
+        u[:, -1] = -u[:, -1]
+        w = u @ vt
+    return torch.cat([ours_t, ours_rq]), torch.cat([target, w @ q])
+
+
 ROWS = {
     "agm": row_agm, "amco": row_amco, "cml": row_cml, "gblending": row_gblending, "greedy": row_greedy,
     "inforeg": row_inforeg, "lfm": row_lfm, "mbsd": row_mbsd, "mla": row_mla, "mmcosine": row_mmcosine,
     "mmpareto": row_mmpareto, "modality_valuation": row_modality_valuation, "none": row_none, "ogm": row_ogm,
     "ogm_ge": row_ogm_ge, "opm": row_opm, "pmr": row_pmr, "reconboost": row_reconboost,
-    "relearning": row_relearning, "sample_valuation": row_sample_valuation, "ume": row_ume, "umt": row_umt,
+    "relearning": row_relearning, "rollingq": row_rollingq, "sample_valuation": row_sample_valuation,
+    "ume": row_ume, "umt": row_umt,
     "unimodal_aux": row_unimodal_aux,
 }
-NO_ROW = {  # method -> why its official math is pinned elsewhere
-    "rollingq": "the rotation (SVD and plane) and the balanced target of GeWu-Lab/RollingQ_ICML2025@23f1162:method.py "
-                "are pinned in tests/test_rollingq.py (test_rotation_*, test_balanced_target_weights_follow_the_paper)",
-}
+NO_ROW: dict = {}  # method -> why its math is pinned elsewhere (every registered method has a row today)
 
 
 def test_every_registered_method_has_a_row_or_a_reason():
