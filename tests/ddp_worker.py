@@ -30,6 +30,8 @@ EXERCISE = {
     "ogm": {"modulation_starts": 0},
     "relearning": {"reinit_epoch": 1},
     "gblending": {"super_epoch": 1},
+    "opm": {"modulation_starts": 0},    # past the official 6-epoch warm-up
+    "greedy": {"starting_epoch": 0},    # past the official 2-epoch warm-up
 }
 
 

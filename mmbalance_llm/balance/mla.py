@@ -2,6 +2,9 @@
 
 Zhang, Yoon, Bansal, Yao, "Multimodal Representation Learning by Alternating Unimodal Adaptation",
 CVPR 2024 (MLA). Stage: feed-forward (own architecture and own step order).
+Follows: the paper (Sec. 3, Eq. for the gradient modification and the test-time entropy gating). Compared
+with Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation@ab6c184579f9ff390e9c9b8216c9900c2a43545b:
+main.py, utils/utils.py and with GeWu-Lab/BalanceBenchmark@4c1482fca5aaa8d4278af8e26020daa039e3ccf3:balancemm/trainer/MLA_trainer.py.
 
 Architecture: per-modality encoders and one linear head shared by all modalities (models/shared_head.py,
 built from the recipe's `model` section; `fusion` is ignored). Training: for every batch, each modality
@@ -16,7 +19,13 @@ Defaults: a0 = 0.1 (MLA's schedule 0.1^(1 + b/n)), the learning rate is the reci
 batch, so the schedule matches other methods), modality order = data order.
 M > 2: yes. One projector per modality, Q_m built from all other modalities' features; gating is over M.
 
-Differences from the reference code, on purpose: BB hard-codes a 512x512 projector against a 1024-d head
+Differences from the official code: its gradient projection never runs (utils/utils.py tests the
+parameter name `n == "module.weight"`, which no parameter has), so the official code trains plain
+alternating unimodal steps; here the projection is on by default as in the paper and `projection: false`
+reproduces the official behaviour. The official inference gates take the softmax over the *batch*
+dimension (`F.softmax(output, dim=0)`), i.e. one entropy and one weight per modality per batch, so a
+sample's prediction depends on the other samples of its batch; here the gates are per sample, as the
+paper's per-input confidence. Differences from BalanceBenchmark: BB hard-codes a 512x512 projector against a 1024-d head
 (here Q is sized from the real head's input width) and reads an unset `self.alpha` (here `a0`); BB adds the
 projected gradient to the raw one and Frobenius-normalises P, here the gradient is replaced by its
 projection as in OWM and the paper, and each modality is protected by a projector built from the other

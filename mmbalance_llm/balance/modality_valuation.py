@@ -2,6 +2,8 @@
 
 Wei, Feng, Wang, Hu, "Enhancing Multimodal Cooperation via Sample-level Modality Valuation", CVPR 2024
 (the cheaper modality-level variant of the paper; BalanceBenchmark's default valuation method). Stage: data.
+Follows: GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation@7ed12b07ee7d233aa835089185c909aaa3ff6b1e:
+code/modality_level.py (the paper's CREMA-D setting).
 
 At the start of every epoch from `warmup_epochs` on: draw a random part Z (`part_ratio` of the training
 set), compute each sample's modality Shapley values there (utility |S| * 1[correct], balance/_valuation.py),
@@ -17,7 +19,7 @@ every copy keeps the modality with the larger gap, as in the original.
 Distributed: Z, the copy indices and the modality draws come from generators seeded by (seed, epoch) and
 are identical on every rank; the Shapley values on Z are computed on shards and gathered.
 
-Differences from the reference code, on purpose: the original computes contributions on the whole
+Differences from the official code, on purpose: the original computes contributions on the whole
 training set and then averages over Z (the point of Z is to value only Z, done here); Z is drawn without
 replacement. Valuation reads `train_eval`-equivalent data (train split, no augmentation), never test.
 """
@@ -41,9 +43,9 @@ class ModalityValuationConfig(BalancerConfig):
 
 def modality_copies(phi_mean: torch.Tensor, modalities, num_samples: int, alpha: float, gen: torch.Generator):
     """(copies, discrepancy) from the mean contribution scores c_m over Z (gap_m = 1 - c_m)."""
-    gap = 1.0 - phi_mean
+    gap = 1.0 - phi_mean.double()  # float64 and the official operation order: int() sits on a step
     spread = float(gap.max() - gap.min())
-    discrepancy = (2.0 / 3.0) * alpha * spread
+    discrepancy = spread / 3 * 2 * alpha
     k = int(discrepancy * num_samples)
     if k <= 0 or spread <= 0:
         return [], discrepancy

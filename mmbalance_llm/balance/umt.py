@@ -2,6 +2,8 @@
 
 Du et al., "On Uni-Modal Feature Learning in Supervised Multi-Modal Learning", ICML 2023 (UMT; the
 companion method UME is `ume`). Stage: objective.
+Follows: GeWu-Lab/BalanceBenchmark@4c1482fca5aaa8d4278af8e26020daa039e3ccf3:balancemm/trainer/UMT_trainer.py (the loss; sigma 10) and the paper (two-stage
+training); the paper's own code was not compared.
 
 First a unimodal model is trained for every modality; then the multimodal model is trained with
 
