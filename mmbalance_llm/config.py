@@ -200,8 +200,7 @@ class TrainConfig:
         "CPU threads torch uses in each process (intra-op). null: OMP_NUM_THREADS when set, else 1 per process "
         "(measured fastest for the tiny quick-start models, and it does not collapse when other jobs share "
         "the CPUs; docs/speed.md). Set it higher for large models on an otherwise idle CPU.",
-        default=None,
-    )
+        default=None, min=1)
 
 
 # Defaults that differ by task (the SFT ones follow common LoRA fine-tuning practice).

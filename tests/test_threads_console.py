@@ -1,15 +1,12 @@
 """Thread-count choice and the quiet console."""
-import logging
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
 
 from mmbalance_llm.config import TrainConfig, load_recipe
-from mmbalance_llm.utils.console import quiet_dependencies
 from mmbalance_llm.utils.threads import DEFAULT_THREADS, configure_threads, default_num_threads
 
 
@@ -57,13 +54,18 @@ def test_quiet_dependencies_hides_dependency_noise_but_not_ours():
     assert "future" in loud.stderr and "Setting accelerator" in loud.stderr and loud.stdout.strip() == "None"
 
 
-def test_quiet_dependencies_keeps_the_users_environment(monkeypatch):
-    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")
-    with warnings.catch_warnings():
-        quiet_dependencies(False)
-    assert os.environ["TRANSFORMERS_VERBOSITY"] == "info"
-    quiet_dependencies(True)  # removes the DeepSpeed filter again
-    assert not logging.getLogger("DeepSpeed").filters
+def test_quiet_dependencies_keeps_the_users_environment():
+    # in a child process: the quiet settings are process-wide and must not leak into other tests
+    code = ("import logging, os\n"
+            "from mmbalance_llm.utils.console import quiet_dependencies\n"
+            "quiet_dependencies(False)\n"
+            "print(os.environ['TRANSFORMERS_VERBOSITY'], os.environ['HF_DATASETS_DISABLE_PROGRESS_BARS'])\n"
+            "quiet_dependencies(True)\n"
+            "print(len(logging.getLogger('DeepSpeed').filters))\n")
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="info")
+    env.pop("HF_DATASETS_DISABLE_PROGRESS_BARS", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["info", "1", "0"], out.stderr
 
 
 def test_report_details_is_a_table():
