@@ -5,7 +5,7 @@ model that encodes each modality on its own and then fuses (`MultimodalClassifie
 `fuse(encode(...))`), the features of a real input are those the evaluation pass already computed, and
 the features of a zeroed input depend only on the batch's shape: they are computed once per input shape
 (one all-zero forward pass per distinct batch size, i.e. usually twice per evaluation) and every subset
-costs one fusion. The tensors fed to the fusion are the very ones the plain way computes, so the
+costs one fused-logits head call (no unimodal logits, no loss). The tensors fed to the fusion are the very ones the plain way computes, so the
 predictions (and Shapley values) are identical.
 
 Anything else (cross-modal encoders such as MMTM, token-level fusion transformers, models with
@@ -62,7 +62,9 @@ class SubsetPredictor:
                 preds[subset_key(s)] = self.model(**masked).logits.argmax(-1)
             return preds
         zero = self._zeros(inputs)
+        fusion = self.core.fusion  # `fuse` is fusion(features) and a loss: the logits are all v(S) needs
+        logits = getattr(fusion, "fused_logits", None) or (lambda feats: fusion(feats)[0])
         for s in self.keep_sets:
             feats = {m: (h if m in s else zero[m]) for m, h in output.features.items()}
-            preds[subset_key(s)] = self.core.fuse(feats).logits.argmax(-1)
+            preds[subset_key(s)] = logits(feats).argmax(-1)
         return preds

@@ -25,9 +25,12 @@ class ConcatFusion(nn.Module):
         w = self.classifier.weight[:, self.column_slice(m)]
         return h @ w.t() + self.classifier.bias / len(self.modalities)
 
+    def fused_logits(self, features: dict) -> torch.Tensor:
+        """z alone (the Shapley subset passes need no unimodal logits)."""
+        return self.classifier(torch.cat([features[m] for m in self.modalities], dim=1))
+
     def forward(self, features: dict):
-        z = self.classifier(torch.cat([features[m] for m in self.modalities], dim=1))
-        return z, {m: self.unimodal(m, features[m]) for m in self.modalities}
+        return self.fused_logits(features), {m: self.unimodal(m, features[m]) for m in self.modalities}
 
 
 class SumFusion(nn.Module):
@@ -43,9 +46,11 @@ class SumFusion(nn.Module):
     def unimodal(self, m: str, h: torch.Tensor) -> torch.Tensor:
         return h @ self.classifier.weight.t() + self.classifier.bias / len(self.modalities)
 
+    def fused_logits(self, features: dict) -> torch.Tensor:
+        return self.classifier(torch.stack([features[m] for m in self.modalities]).sum(0))
+
     def forward(self, features: dict):
-        z = self.classifier(torch.stack([features[m] for m in self.modalities]).sum(0))
-        return z, {m: self.unimodal(m, features[m]) for m in self.modalities}
+        return self.fused_logits(features), {m: self.unimodal(m, features[m]) for m in self.modalities}
 
 
 class FiLMFusion(nn.Module):
