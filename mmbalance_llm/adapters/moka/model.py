@@ -17,6 +17,7 @@ from torch import nn
 from mmbalance_llm.adapters.moka.config import MOKA_PEFT_TYPE, MokaConfig
 from mmbalance_llm.adapters.moka.layer import MERGE_REFUSED, MokaLinear
 from mmbalance_llm.adapters.moka.masks import MokaMaskContext
+from mmbalance_llm.models.modality_map import LM_PROJECTIONS
 
 PEFT_VERIFIED = ((0, 21), (0, 22))  # [min, max) of peft versions whose private mappings this was verified on
 
@@ -50,12 +51,24 @@ class MokaModel(LoraModel):
 
         if not isinstance(peft_config, MokaConfig):
             raise TypeError(f"MokaModel needs a MokaConfig, got {type(peft_config).__name__}")
-        if peft_config.target_modules is None or peft_config.modalities is None:
-            mmap = get_modality_map(model_config)
-            if peft_config.target_modules is None:
-                peft_config.target_modules = mmap.target_modules_regex()
-            if peft_config.modalities is None:
-                peft_config.modalities = list(mmap.modalities)
+        mmap = get_modality_map(model_config)
+        if peft_config.target_modules is None:
+            peft_config.target_modules = _lm_targets(mmap, peft_config)
+        if peft_config.modalities is None:
+            peft_config.modalities = list(mmap.modalities)
+        missing = [m for m in peft_config.modalities if m not in mmap.modalities]
+        if missing:
+            raise ValueError(f"MokaConfig.modalities: the adapter has an A for {missing[0]!r}, which model_type "
+                             f"{mmap.model_type!r} does not accept (its modalities: {list(mmap.modalities)})")
+        ids = {m: t for m, t in mmap.token_ids(model_config).items() if m in peft_config.modalities}
+        if peft_config.modality_token_ids is None:
+            peft_config.modality_token_ids = ids
+        else:
+            saved = {m: int(t) for m, t in peft_config.modality_token_ids.items()}
+            diff = [m for m in saved if m in ids and saved[m] != ids[m]]
+            if diff:
+                raise ValueError(f"MokaConfig.modality_token_ids: the adapter's {diff[0]} token id is "
+                                 f"{saved[diff[0]]}, the base model's is {ids[diff[0]]}; it was made for another model")
         return peft_config
 
     def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):
@@ -92,9 +105,15 @@ class MokaModel(LoraModel):
     def mask_context(self) -> MokaMaskContext:
         return self._moka_ctx
 
-    # -- merging is refused
+    # -- merging, weighted combination and conversion to LoRA are refused
     def _check_merge_allowed(self):
         raise ValueError(MERGE_REFUSED)
+
+    def add_weighted_adapter(self, *args, **kwargs):
+        # LoRA's cat/linear/svd rules combine lora_A/lora_B only; MokA's per-modality A's enter the output through
+        # a softmax over products of A's, so no rule on the matrices reproduces a weighted sum of adapters
+        raise ValueError("MokA adapters cannot be combined with add_weighted_adapter: the cross-attention is not "
+                         "linear in the A matrices, so no combination of them equals the weighted adapters")
 
     def unload(self):
         if self._moka_hook is not None:
@@ -103,14 +122,40 @@ class MokaModel(LoraModel):
         return super().unload()
 
 
+def _lm_targets(mmap, config) -> str:
+    """The language-model projection regex, restricted to ``config.layers_to_transform`` when set.
+
+    peft ignores ``layers_to_transform`` for a regex target (and refuses the pair when the saved config is
+    loaded), so the layer indices go into the regex and the two layer fields are cleared.
+    """
+    if config.layers_to_transform is None:
+        return mmap.target_modules_regex()
+    layers = config.layers_to_transform
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    pattern = config.layers_pattern or "layers"
+    pattern = [pattern] if isinstance(pattern, str) else list(pattern)
+    lm = "|".join(p.replace(".", r"\.") for p in mmap.language_model if p != "lm_head")
+    regex = (rf"(.*\.)?({lm})\.(.*\.)?({'|'.join(pattern)})\.({'|'.join(str(i) for i in layers)})\."
+             rf"(.*\.)?({'|'.join(LM_PROJECTIONS)})")
+    config.layers_to_transform, config.layers_pattern = None, None
+    return regex
+
+
+# config fields that change a MokA adapter's output besides its weights (peft's hotswap copies weights only)
+HOTSWAP_KEYS = ("r", "lora_alpha", "use_rslora", "lora_dropout", "alpha_pattern", "rank_pattern", "use_dora",
+                "modalities", "cross_attention_weight", "question_after_media", "modality_token_ids")
+
+
 def register_moka() -> None:
-    """Insert "MOKA" into peft's mappings (idempotent)."""
+    """Insert "MOKA" into peft's mappings, and into hotswap's compatibility table (idempotent)."""
     check_peft_version()
     from peft import mapping
+    from peft.utils import hotswap
 
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[MOKA_PEFT_TYPE] = MokaConfig
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[MOKA_PEFT_TYPE] = MokaModel
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[MOKA_PEFT_TYPE] = "lora_"
+    hotswap.CONFIG_KEYS_TO_CHECK[MOKA_PEFT_TYPE] = list(HOTSWAP_KEYS)
 
 
 def load_moka(base_model, path, adapter_name: str = "default", is_trainable: bool = False, **kwargs):
