@@ -82,6 +82,13 @@ class MokaConfig(LoraConfig):
                           "when the adapter is created). Loading onto a base whose ids differ is refused."},
     )
 
+    answer_marker_ids: Optional[list[int]] = field(
+        default=None,
+        metadata={"help": "Token ids of the chat template's assistant header (e.g. 'ASSISTANT:'), from "
+                          "mmbalance_llm.adapters.moka.answer_marker_ids(processor). Used only when labels also "
+                          "supervise the prompt (TRL on 'messages' data): the question ends at this header."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = MOKA_PEFT_TYPE

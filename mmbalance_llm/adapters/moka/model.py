@@ -86,7 +86,8 @@ class MokaModel(LoraModel):
 
         get_modality_map(self.model)  # clear error for an architecture without a map
         cfg = next(iter(self.peft_config.values()))
-        self._moka_ctx = MokaMaskContext(self.model.config, question_after_media=cfg.question_after_media)
+        self._moka_ctx = MokaMaskContext(self.model.config, question_after_media=cfg.question_after_media,
+                                         answer_marker=cfg.answer_marker_ids)
         for m in self.model.modules():
             if isinstance(m, MokaLinear):
                 m.set_mask_context(self._moka_ctx)
