@@ -191,3 +191,61 @@ def test_answer_marker_ids_from_the_chat_template(env):
     # on the project's own collation the marker rule finds exactly the prompt-masked question span
     assert question_mask(mod, full, b["attention_mask"], input_ids=b["input_ids"], answer_marker=ids)[0].equal(
         question_mask(mod, b["labels"], b["attention_mask"])[0])
+
+
+def _trl_dataset(env):
+    from datasets import Dataset
+    from PIL import Image
+
+    recs = load_conversations(env["root"] / "data" / "train.json")[:4]
+    msgs = [[{"role": m["role"], "content": m["content"].replace("<image>", "")} for m in r["messages"]] for r in recs]
+    return Dataset.from_dict({"messages": msgs, "images": [[Image.open(r["images"][0]).convert("RGB")] for r in recs]})
+
+
+def _trl_trainer(env, tmp_path, config):
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                     use_cpu=True, save_strategy="no", max_length=None, learning_rate=1e-2, disable_tqdm=True,
+                     bf16=False)  # no autocast wrapper left on forward, so outputs compare exactly
+    tr = SFTTrainer(model=load_base(env), args=args, train_dataset=_trl_dataset(env), processing_class=env["proc"],
+                    peft_config=config)
+    seen = []
+    ctx = tr.model.base_model.mask_context
+    update = ctx.update
+
+    def spy(batch):
+        update(batch)
+        seen.append((batch["input_ids"], ctx._cross.get(MODALITY_IDS["image"])))
+
+    ctx.update = spy
+    return tr, seen
+
+
+def test_trl_sft_trainer_on_messages_finds_the_question_from_the_chat_template(env, tmp_path):
+    pytest.importorskip("trl")
+    from mmbalance_llm.adapters.moka import answer_marker_ids
+
+    tr, seen = _trl_trainer(env, tmp_path, MokaConfig(answer_marker_ids=answer_marker_ids(env["proc"])))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="MokA:")
+        tr.train()
+    ids, ci = seen[0]
+    q = ids[0, ci.q_idx[0][ci.q_valid[0]]]
+    text = env["proc"].tokenizer.decode(q).strip()
+    assert text.endswith("Answer with one word. ASSISTANT:") and "<image>" not in text
+    tr.model.save_pretrained(tmp_path / "ad")
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["answer_marker_ids"]
+    dtypes = {p.dtype for p in tr.model.parameters()}
+    loaded = peft.PeftModel.from_pretrained(load_base(env), tmp_path / "ad").eval()
+    assert dtypes == {torch.float32}, dtypes
+    out = logits(loaded, env["batch"])
+    assert torch.equal(out, logits(tr.model.eval(), env["batch"])) and not torch.allclose(out, env["base_logits"])
+
+
+def test_trl_sft_trainer_without_marker_warns_that_cross_attention_is_off(env, tmp_path):
+    pytest.importorskip("trl")
+    tr, seen = _trl_trainer(env, tmp_path, MokaConfig())
+    with pytest.warns(UserWarning, match="have no question tokens"):
+        tr.train()
+    assert seen[0][1].q_valid.sum() == 0
