@@ -249,3 +249,23 @@ def test_trl_sft_trainer_without_marker_warns_that_cross_attention_is_off(env, t
     with pytest.warns(UserWarning, match="have no question tokens"):
         tr.train()
     assert seen[0][1].q_valid.sum() == 0
+
+
+@pytest.mark.slow
+def test_peft_generic_harness_from_the_sdist():
+    """peft's own ``PeftCommonTester`` (not in the wheel): runs when PEFT_SDIST names the sdist, else skips."""
+    import importlib.util
+    from pathlib import Path
+
+    sdist = os.environ.get("PEFT_SDIST")
+    if not sdist or not os.path.exists(sdist):
+        pytest.skip(f"set PEFT_SDIST to peft-{peft.__version__}.tar.gz "
+                    f"(pip download --no-binary :all: --no-deps peft=={peft.__version__})")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "peft_harness_moka.py"
+    spec = importlib.util.spec_from_file_location("peft_harness_moka", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.run(mod.harness_dir(sdist))
+    failed = [r["check"] + ": " + r["why"] for r in rows if r["outcome"] == "fail"]
+    assert not failed, failed
+    assert sum(r["outcome"] == "pass" for r in rows) >= 30
