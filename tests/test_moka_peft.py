@@ -107,12 +107,34 @@ def test_mixed_model_refuses_in_one_line_and_model_card_is_written(env):
 
 
 @pytest.mark.parametrize("how", ["cat", "linear", "svd"])
-def test_add_weighted_adapter_refused(env, how):
+def test_add_weighted_adapter_with_cross_attention_refused(env, how):
     pm = peft.PeftModel.from_pretrained(load_base(env), env["root"] / "ad1")
     pm.load_adapter(env["root"] / "ad2", adapter_name="two")
-    with pytest.raises(ValueError, match="cannot be combined with add_weighted_adapter"):
+    with pytest.raises(ValueError, match="cannot be combined with add_weighted_adapter except"):
         pm.add_weighted_adapter(["default", "two"], [0.5, 0.5], "mix", combination_type=how)
     assert "mix" not in pm.peft_config
+
+
+def test_add_weighted_adapter_cat_without_cross_attention_is_exact(env):
+    torch.manual_seed(3)
+    cfg = dict(init_lora_weights=False, cross_attention_weight=0.0, lora_dropout=0.0)
+    pm = peft.get_peft_model(load_base(env), MokaConfig(r=4, lora_alpha=16, **cfg))
+    pm.add_adapter("two", MokaConfig(r=2, lora_alpha=4, **cfg))
+    pm.add_weighted_adapter(["default", "two"], [0.7, -0.2], "mix", combination_type="cat")
+    pm.eval()
+    layer = next(m for n, m in pm.named_modules() if isinstance(m, MokaLinear) and n.endswith("layers.1.mlp.up_proj"))
+    seen = {}
+    hook = layer.register_forward_hook(lambda mod, args, out: seen.update(x=args[0].detach()))  # returns None
+    with torch.no_grad():
+        pm(**env["batch"])
+    hook.remove()
+    x = seen["x"]
+    with torch.no_grad():
+        mixed = layer.moka_delta(x, "mix")
+        want = 0.7 * layer.moka_delta(x, "default") - 0.2 * layer.moka_delta(x, "two")
+    assert mixed.abs().max() > 0 and torch.allclose(mixed, want, atol=1e-5)
+    # the image rows use the combined per-modality A (not a fresh init), text rows the combined text A
+    assert torch.equal(layer.lora_moka_A_image["mix"].weight[:4], layer.lora_moka_A_image["default"].weight)
 
 
 def test_layers_to_transform_with_default_targets_saves_and_reloads(env, tmp_path):

@@ -1,10 +1,11 @@
 """``MokaModel``: the peft tuner for MokA, plus its registration in peft and a fallback loader.
 
-Registration follows the route verified for peft 0.21 (docs: TRANSFORMERS_MLLM.md §4): peft's ``PeftType``
-enum is closed, so the string key "MOKA" is inserted into peft's private config / tuner / prefix mappings.
-Then ``get_peft_model(model, MokaConfig())``, ``save_pretrained`` and plain
-``PeftModel.from_pretrained(base, path)`` work, and ``adapter_config.json`` says ``"peft_type": "MOKA"``.
-:func:`load_moka` passes ``config=`` explicitly, for code paths that bypass those mappings.
+peft's ``PeftType`` enum is closed, so registration inserts the key "MOKA" (a :class:`MokaPeftType`, a string
+with ``.value``) into peft's private config / tuner / prefix mappings and hotswap's compatibility table; this was
+verified for peft 0.21 (hence the version pin). Then ``get_peft_model(model, MokaConfig())``, ``save_pretrained``,
+plain ``PeftModel.from_pretrained(base, path)``, transformers' ``load_adapter`` and peft's ``hotswap_adapter``
+work, and ``adapter_config.json`` says ``"peft_type": "MOKA"``. :func:`load_moka` passes ``config=`` explicitly,
+for code paths that bypass those mappings.
 """
 from __future__ import annotations
 
@@ -110,11 +111,45 @@ class MokaModel(LoraModel):
     def _check_merge_allowed(self):
         raise ValueError(MERGE_REFUSED)
 
-    def add_weighted_adapter(self, *args, **kwargs):
-        # LoRA's cat/linear/svd rules combine lora_A/lora_B only; MokA's per-modality A's enter the output through
-        # a softmax over products of A's, so no rule on the matrices reproduces a weighted sum of adapters
-        raise ValueError("MokA adapters cannot be combined with add_weighted_adapter: the cross-attention is not "
-                         "linear in the A matrices, so no combination of them equals the weighted adapters")
+    def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", **kwargs):
+        """Exact ``combination_type="cat"`` for adapters without cross-attention (``cross_attention_weight=0``):
+        every A (text and per modality) is stacked and B holds ``weight_i * scaling_i * B_i``, so the new adapter's
+        output is the weighted sum of theirs. Everything else is refused: with cross-attention the output is a
+        softmax over products of A's, and LoRA's rules (which touch lora_A / lora_B only) would leave the
+        per-modality A's at their random init."""
+        from dataclasses import replace
+
+        import torch
+
+        from peft.utils import _freeze_adapter
+
+        cfgs = [self.peft_config[a] for a in adapters if a in self.peft_config]
+        if len(cfgs) != len(adapters) or len(weights) != len(adapters):
+            raise ValueError("add_weighted_adapter: every adapter must exist, with one weight each")
+        refuse = (combination_type != "cat" or kwargs or any(c.cross_attention_weight for c in cfgs)
+                  or len({(tuple(c.modalities), str(c.target_modules)) for c in cfgs}) > 1
+                  or any(c.rank_pattern or c.alpha_pattern or c.modules_to_save for c in cfgs))
+        if refuse:
+            raise ValueError("MokA adapters cannot be combined with add_weighted_adapter except combination_type="
+                             "'cat' of adapters with cross_attention_weight=0, the same modalities and targets and no "
+                             "modules_to_save "
+                             "(the cross-attention is not linear in the A matrices)")
+        if adapter_name in self.peft_config:
+            return
+        new_r = sum(c.r for c in cfgs)
+        self.peft_config[adapter_name] = replace(cfgs[0], r=new_r, lora_alpha=new_r, alpha_pattern={}, rank_pattern={})
+        self.inject_adapter(self.model, adapter_name)
+        _freeze_adapter(self.model, adapter_name)
+        with torch.no_grad():
+            for m in self.model.modules():
+                if not isinstance(m, MokaLinear) or adapter_name not in m.lora_A:
+                    continue
+                m.lora_A[adapter_name].weight.copy_(torch.cat([m.lora_A[a].weight for a in adapters], 0))
+                for mod in m.moka_modalities[adapter_name]:
+                    A = getattr(m, f"lora_moka_A_{mod}")
+                    A[adapter_name].weight.copy_(torch.cat([A[a].weight for a in adapters], 0))
+                m.lora_B[adapter_name].weight.copy_(torch.cat(
+                    [w * m.scaling[a] * m.lora_B[a].weight for a, w in zip(adapters, weights)], 1))
 
     def unload(self):
         if self._moka_hook is not None:
