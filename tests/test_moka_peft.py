@@ -215,6 +215,13 @@ def test_answer_marker_ids_from_the_chat_template(env):
         question_mask(mod, b["labels"], b["attention_mask"])[0])
 
 
+def test_answer_marker_ids_on_a_qwen_template():
+    from mmbalance_llm.adapters.moka import answer_marker_ids
+
+    _, proc = tiny_model_and_processor("qwen2_audio")
+    assert proc.tokenizer.decode(answer_marker_ids(proc)) == "<|im_start|>assistant\n"
+
+
 def _trl_dataset(env):
     from datasets import Dataset
     from PIL import Image
