@@ -176,6 +176,11 @@ class Balancer:
         """Data-stage methods return a prepared loader for this epoch; None keeps the default."""
         return None
 
+    def epoch_length(self, loader, epoch: int) -> int:
+        """Micro-batches the loop's `training_step` sees in one epoch (methods whose `train_epoch` makes
+        several passes over the loader override it, so a stop part-way is resumed inside the epoch)."""
+        return len(loader)
+
     train_epoch = None  # methods that reorganise an epoch set a callable (model, loader, epoch) that trains
     # through ctx.training_step and returns early when ctx.stop_requested()
 

@@ -80,7 +80,7 @@ class PMR(Balancer):
         """The training samples the prototypes of `epoch` are computed from (identical on every rank)."""
         ctx = self.ctx
         n_batches = max(1, len(ctx.loaders["train"]))
-        global_batch = ctx.recipe.train.batch_size * ctx.accelerator.num_processes
+        global_batch = ctx.recipe.train.per_device_train_batch_size * ctx.accelerator.num_processes
         # floor as the official `all_num // 10`; the epsilon keeps 0.1 * 30 from flooring to 2
         count = min(num_samples, max(1, math.floor(self.config.proto_ratio * n_batches + 1e-9)) * global_batch)
         gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + 7919 * epoch + 17)
@@ -92,8 +92,8 @@ class PMR(Balancer):
         from mmbalance_llm.balance._valuation import subset_loader
 
         ctx, net = self.ctx, self.ctx.unwrap(model)
-        dataset = ctx.loaders["train_eval"].dataset
-        loader = subset_loader(dataset, self.prototype_indices(epoch, len(dataset)), ctx.recipe.train.eval_batch_size)
+        dataset = ctx.train_dataset
+        loader = subset_loader(dataset, self.prototype_indices(epoch, len(dataset)), ctx.eval_batch_size)
         device = next(net.parameters()).device
         was_training = net.training
         net.eval()

@@ -27,8 +27,8 @@ Differences from the official code: the live reconcilement term (above); the boo
 scalar on the ensemble does not change its predictions, only the stage-2 loss temperature. The learners
 share the concat head (split columns) instead of the reference's shared 1024-d head; stage 1 leaves the
 other encoders without gradients, so `find_unused_parameters` is on under DDP. Each pass has its own seeded
-order, and a run stopped by `train.max_steps` in an epoch's first pass resumes at the same pass and batch
-(tested); a stop in a later pass closes that epoch early, because the trainer counts one pass per epoch.
+order, and a run stopped by `train.stop_after_steps` in any pass resumes at the same pass and batch
+(`epoch_length` tells the loop that an epoch is all its passes; tested in tests/test_method_table.py).
 """
 from __future__ import annotations
 
@@ -91,6 +91,9 @@ class ReconBoost(Balancer):
         pre = mods[(epoch - 1) % len(mods)] if epoch > 0 and len(mods) > 1 else None
         t = self.config.t_epochs
         return [("boost", m, pre)] * t + [("ensemble", None, None)] * t
+
+    def epoch_length(self, loader, epoch: int) -> int:
+        return len(self.ctx.loaders["train"]) * len(self.schedule(epoch))
 
     def _train_epoch(self, model, loader, epoch):
         ctx = self.ctx

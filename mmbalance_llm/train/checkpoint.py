@@ -56,7 +56,9 @@ def load_balancer_state(folder: str) -> dict:
             state.update(json.load(fh))
     path = os.path.join(folder, "balancer_state.safetensors")
     if os.path.isfile(path):
-        state.update(load_file(path))
+        # fresh allocations: a tensor backed by the file's buffer can be aligned differently from one the run
+        # computed, and BLAS then takes another kernel (last-bit differences after a resume)
+        state.update({k: v.clone() for k, v in load_file(path).items()})
     return state
 
 

@@ -123,6 +123,7 @@ class Trainer:
             self.state.update(ckpt.load_trainer_state(self.resume_dir))
             self.balancer.load_state_dict(ckpt.load_balancer_state(self.resume_dir))
             ckpt.restore_best(self.resume_dir, out, acc.is_main_process)
+            self.ctx.global_step, self.ctx.epoch = self.state["global_step"], self.state["epoch"]
             acc.wait_for_everyone()
         self.logger = RunLogger(out, acc.is_main_process,
                                 resume_step=self.state["global_step"] if self.resume_dir else None)
@@ -247,7 +248,8 @@ class Trainer:
             self.balancer.on_epoch_start(model, epoch)
         loader = self.balancer.train_loader(epoch) or self.train_loader
         loader.set_epoch(epoch)  # a new, seeded order every epoch, identical after a resume
-        self._epoch_batches = epoch_batches = len(loader)  # a data-stage method's loader may be longer
+        # a data-stage method's loader may be longer; a method that reorganises the epoch says how long it is
+        self._epoch_batches = epoch_batches = self.balancer.epoch_length(loader, epoch)
         if resuming_mid_epoch:
             loader = acc.skip_first_batches(loader, self.state["batches_done"])
         if self.balancer.train_epoch is not None:
