@@ -71,10 +71,14 @@ def batch_of(ds, n=16):
 
 
 def ctx_for(mods=MODS, loaders=None, epoch=0, step=0):
-    recipe = SimpleNamespace(train=SimpleNamespace(batch_size=16, eval_batch_size=32, epochs=1,
-                                                   gradient_accumulation_steps=1, lr=1e-3, weight_decay=0.0))
+    recipe = SimpleNamespace(train=SimpleNamespace(per_device_train_batch_size=16, per_device_eval_batch_size=32,
+                                                   num_train_epochs=1, gradient_accumulation_steps=1,
+                                                   learning_rate=1e-3, weight_decay=0.0))
+    loaders = loaders or {}
+    train_dataset = loaders["train_eval"].dataset if "train_eval" in loaders else None
     return TrainContext(accelerator=_OneProcess(), modalities=list(mods), num_classes=C, recipe=recipe,
-                        loaders=loaders or {}, seed=0, epoch=epoch, global_step=step)
+                        loaders=loaders, seed=0, epoch=epoch, global_step=step, train_dataset=train_dataset,
+                        eval_batch_size=32)
 
 
 def forward(model, batch):

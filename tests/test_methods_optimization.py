@@ -60,8 +60,10 @@ def tiny_dataset(modalities, n=48, dim=6, num_classes=4, seed=0):
 
 
 def make_ctx(modalities, num_classes=4, loaders=None, epoch=0, recipe=None):
+    loaders = loaders or {}
+    train_dataset = loaders["train_eval"].dataset if "train_eval" in loaders else None
     return TrainContext(accelerator=_OneProcess(), modalities=list(modalities), num_classes=num_classes,
-                        recipe=recipe, loaders=loaders or {}, epoch=epoch)
+                        recipe=recipe, loaders=loaders, epoch=epoch, train_dataset=train_dataset, eval_batch_size=32)
 
 
 def loader(ds, batch_size=16):
@@ -205,7 +207,7 @@ def test_pmr_prototypes_are_class_means_with_ema():
     mods = ["a", "v"]
     model, ds = tiny_model(mods), tiny_dataset(mods)
     b = get_method("pmr", proto_ratio=1.0, momentum=0.5)
-    recipe = SimpleNamespace(train=SimpleNamespace(batch_size=16, eval_batch_size=32))
+    recipe = SimpleNamespace(train=SimpleNamespace(per_device_train_batch_size=16, per_device_eval_batch_size=32))
     b.setup(make_ctx(mods, loaders={"train_eval": loader(ds), "train": loader(ds)}, recipe=recipe), model)
     b.on_epoch_start(model, 0)
     with torch.no_grad():
