@@ -25,8 +25,10 @@ passes, cheap). Then
   test, the MGDA weights and the rescale are computed on these parameter gradients exactly as in the
   paper. The combined gradient enters p.grad through a zero-valued linear surrogate term, so the
   trainer's single `accelerator.backward` still runs (DDP all-reduces it) and only walks the head.
-  Cost ~ (F + 2B) / (F + B): measured 1.76-1.87x the baseline step with Transformer encoders on CPU
-  (docs/objective.md), over the 1.6x target; no exact variant needs fewer encoder passes.
+  With the default `rescale: encoder` the rule and the surrogate act on one flat vector per encoder
+  (`integrate_flat`, `flat_surrogate`: bitwise the per-tensor result). Cost ~ (F + 2B) / (F + B): ~1.67x
+  the baseline step with Transformer encoders on CPU against a floor (forward + the two VJPs) of ~1.55x
+  (benchmarks/mmpareto_step.py, docs/speed.md); no exact variant needs fewer encoder passes.
 - `gradient_space: feature` (approximate, cheaper, 1.01-1.04x with Transformer encoders): the cosine
   test, the MGDA weights and the rescale are computed on the cotangents c_mm^m, c_m (the gradients
   w.r.t. h_m of the whole batch), and the combined cotangent is pushed through the encoder with one
