@@ -125,8 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmbalance", description="Balanced multimodal fine-tuning toolkit.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--verbose", action="store_true",
-                   help="show the dependencies' warnings, banners and progress bars (also MMBALANCE_VERBOSE=1); "
-                        "goes before the command: mmbalance --verbose train ...")
+                   help="show the dependencies' warnings, banners and progress bars (also MMBALANCE_VERBOSE=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train from a YAML recipe (task classify or sft)", add_help=False,
@@ -180,9 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = os.environ.get("MMBALANCE_VERBOSE", "") not in ("", "0")
-    while argv and argv[0] == "--verbose":  # a global flag: stripped so delegated commands see their own argv
+    if "--verbose" in argv:  # a global flag, accepted anywhere; stripped so every command sees its own argv
         verbose = True
-        argv.pop(0)
+        argv = [a for a in argv if a != "--verbose"]
     from mmbalance_llm.utils.console import quiet_dependencies
 
     quiet_dependencies(verbose)

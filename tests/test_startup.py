@@ -52,3 +52,18 @@ def test_package_names_stay_importable_lazily():
         import mmbalance_llm.models as models
 
         models.NoSuchThing  # noqa: B018
+
+
+def test_verbose_is_accepted_anywhere_and_stripped():
+    out = _run("import sys, warnings\n"
+               "from mmbalance_llm import cli\n"
+               "seen = []\n"
+               "import mmbalance_llm.utils.console as console\n"
+               "console.quiet_dependencies = lambda verbose: seen.append(verbose)\n"
+               "for argv in (['--version'], ['--verbose', '--version'], ['--version', '--verbose']):\n"
+               "    try:\n"
+               "        cli.main(argv)\n"
+               "    except SystemExit:\n"
+               "        pass\n"
+               "print('SEEN', seen)\n")
+    assert "SEEN [False, True, True]" in out
