@@ -163,7 +163,7 @@ class MMPareto(Balancer):
 
         g_mm, g_u = vjp(c_mm, True), vjp(c_u, False)
         # Rule on the global-batch gradients, so every rank integrates identically.
-        flat = allreduce_mean_(self.ctx, torch.cat([flatten(g_mm), flatten(g_u)]))
+        flat = allreduce_mean_(self.ctx, flatten(g_mm + g_u))  # one copy of both lists
         n = flat.numel() // 2
         if self.config.rescale == "encoder":  # the default: one flat vector per encoder (cheaper, same bits)
             combined, start = [], 0
