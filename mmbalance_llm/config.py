@@ -284,10 +284,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), parsed
 
 
+def _same_setting(section: str, key: str) -> list:
+    """Every spelling (section, key) of the setting `section.key` names: its canonical key and its aliases."""
+    canonical = ALIASES.get((section, key), (section, key))
+    return [canonical] + [old for old, new in ALIASES.items() if new == canonical]
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `dotted.key=value` overrides. An override replaces the setting under whatever spelling the recipe
+    used (`train.epochs=5` on a recipe that says `num_train_epochs: 15`)."""
     raw = copy.deepcopy(raw)
     for text in overrides or []:
         path, value = parse_override(text)
+        if len(path) == 2:
+            for sec, key in _same_setting(*path):
+                node = raw.get(sec)
+                if (sec, key) != tuple(path) and isinstance(node, dict):
+                    node.pop(key, None)
         node = raw
         for part in path[:-1]:
             if node.get(part) is None:
