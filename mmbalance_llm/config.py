@@ -68,6 +68,14 @@ class DataConfig:
     validation_split: str = _help("Split that chooses checkpoints and feeds held-out statistics.", default="validation")
     test_split: str = _help("Split read once at the end for the final report.", default="test")
     num_workers: int = _help("DataLoader worker processes.", default=0)
+    media: dict = _help(
+        "Raw-media columns: {column: {kind: image|audio|video|text, processor: ..., ...}} (see "
+        "mmbalance_llm.data.media.MediaSpec); merged key by key over the data folder's media.json.",
+        default_factory=dict,
+    )
+    media_cache_dir: Optional[str] = _help(
+        "Where the preprocessed media splits are cached (default: <data.path>/.media_cache).", default=None
+    )
 
 
 @dataclass
