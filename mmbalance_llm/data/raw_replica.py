@@ -246,3 +246,22 @@ def main(argv) -> int:
         write_replica(name, out, args.per_class, args.seed)
         print(f"[mmbalance] wrote a {name} replica to {out}")
     return 0
+
+
+def write_tiny_tokenizer(path: str, texts: list) -> str:
+    """A word-level `PreTrainedTokenizerFast` over `texts` (BERT's special tokens, [PAD] = 0), saved to
+    `path`: the tokenizer of the random-weight tiny BERT in tests and CPU twins."""
+    import re
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower())})
+    vocab = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", do_lower_case=True)
+    fast.save_pretrained(path)
+    return path
