@@ -42,6 +42,8 @@ def test_every_family_encodes_its_native_input_and_trains(family):
     assert h.shape == (3, 16) and tokens.shape[0] == 3 and tokens.shape[-1] == 16
     h.sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.backbone.parameters())
+    unused = [n for n, p in enc.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused  # DDP refuses trainable parameters outside the graph
 
 
 def test_poolings_differ_and_attention_pool_has_parameters():

@@ -90,6 +90,26 @@ def freeze_backbone(backbone: nn.Module, train_layers: Optional[int], freeze: bo
             p.requires_grad_(True)
 
 
+def drop_unused_parameters(backbone: nn.Module) -> Optional[nn.Module]:
+    """Keep every trainable backbone parameter in the graph (DDP refuses unused ones): remove a pooler
+    head with weights (ViT, BERT: its output is never read), freeze the mask embeddings of wav2vec2 /
+    HuBERT / DINOv2 (used only on steps where a mask is drawn), turn LayerDrop off (wav2vec2 / HuBERT skip
+    random blocks) and return CLIP's post-layernorm, which this encoder applies to every token instead
+    of only to the pooled one."""
+    for holder in (backbone, getattr(backbone, "vision_model", None)):
+        pooler = getattr(holder, "pooler", None) if holder is not None else None
+        if isinstance(pooler, nn.Module) and any(True for _ in pooler.parameters()):
+            holder.pooler = None
+    for name, p in backbone.named_parameters():
+        if name.endswith(("masked_spec_embed", "mask_token")):  # only used under masked pre-training
+            p.requires_grad_(False)
+    for key in ("layerdrop", "encoder_layerdrop"):  # LayerDrop skips whole blocks at random steps
+        if getattr(backbone.config, key, 0.0):
+            setattr(backbone.config, key, 0.0)
+    inner = getattr(backbone, "vision_model", backbone)
+    return getattr(inner, "post_layernorm", None)
+
+
 class AttentionPool(nn.Module):
     """softmax_t(w . h_t) weighted sum of the tokens, padding masked."""
 
@@ -126,6 +146,7 @@ class HFMediaEncoder(nn.Module):
         self.text_input = len(in_shape) == 1 and branch != "vision"
         self.backbone, self.input_name = _select_tower(_load_backbone(source), self.text_input, branch)
         self.text_input = self.input_name == "input_ids"
+        self.post_norm = drop_unused_parameters(self.backbone)
         # A video clip is [N, 3, H, W] per row: frames go through the image backbone one by one.
         self.frames = self.input_name == "pixel_values" and len(in_shape) == 4
         cfg = self.backbone.config
@@ -145,6 +166,8 @@ class HFMediaEncoder(nn.Module):
             hidden = self.backbone(input_ids=x, attention_mask=mask.long()).last_hidden_state
         else:
             hidden = self.backbone(**{self.input_name: x}).last_hidden_state
+        if self.post_norm is not None:
+            hidden = self.post_norm(hidden)
         return hidden, mask
 
     def tokens_and_summary(self, x: torch.Tensor):
