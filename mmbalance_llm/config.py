@@ -76,6 +76,10 @@ class DataConfig:
     media_cache_dir: Optional[str] = _help(
         "Where the preprocessed media splits are cached (default: <data.path>/.media_cache).", default=None
     )
+    media_in_memory_gb: Optional[float] = _help(
+        "Hold a preprocessed media split in memory when its cache is at most this many GiB (else read it "
+        "memory-mapped, batch by batch); null: always memory-mapped.", default=2.0
+    )
 
 
 @dataclass

@@ -64,11 +64,11 @@ def test_cache_is_written_once_reused_and_invalidated_by_a_spec_change(folder, m
     monkeypatch.setattr(media, "process_value", counting)
     load_feature_data(DataConfig(path=str(folder)))
     first = calls["n"]
-    assert first == 10 * 3  # every row and media column of the three splits, once
+    assert first == (10 + 3) * 3  # every row and media column of the 3 splits once, + row 0 per split for the types
     load_feature_data(DataConfig(path=str(folder)))
     assert calls["n"] == first  # read back from the fingerprinted cache
     load_feature_data(DataConfig(path=str(folder), media={"image": {"size": 8}}))
-    assert calls["n"] == first + 10 * 3  # a different spec is a different fingerprint
+    assert calls["n"] == 2 * first  # a different spec is a different fingerprint
 
 
 def test_augmentation_only_on_train_and_outside_the_cache(folder):
@@ -173,3 +173,20 @@ def test_cli_reports_bad_media_as_one_line_exit_2(folder, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("mmbalance: error: split 'train', column 'image', row 2: cannot read 'img/train2.jpg'")
     assert not (tmp_path / "run").exists()  # nothing written before the data is valid
+
+
+def test_memory_mapped_and_in_memory_splits_give_the_same_batches(folder):
+    from torch.utils.data import DataLoader
+
+    from mmbalance_llm.data.features import collate
+
+    held = load_feature_data(DataConfig(path=str(folder), media={"image": {"augment": False},
+                                                                 "visual": {"augment": False}}))
+    mapped = load_feature_data(DataConfig(path=str(folder), media_in_memory_gb=None,
+                                          media={"image": {"augment": False}, "visual": {"augment": False}}))
+    assert held.train.from_arrow == set() and mapped.train.from_arrow == {"image", "audio", "visual"}
+    assert held.input_shapes == mapped.input_shapes
+    for a, b in zip(DataLoader(held.train, batch_size=4, collate_fn=collate),
+                    DataLoader(mapped.train, batch_size=4, collate_fn=collate)):  # __getitems__: one read
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(mapped.train[(1, ("audio",))]["image"], torch.zeros(3, 16, 16))

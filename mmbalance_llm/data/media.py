@@ -41,7 +41,7 @@ FRAME_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 MEDIA_CARD = "media.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_CACHE_VERSION = "1"  # bump when the preprocessing code changes what it writes
+_CACHE_VERSION = "2"  # bump when the preprocessing code changes what it writes
 
 
 def _help(text: str, **kw):
@@ -393,9 +393,29 @@ def preprocess_split(ds, split: str, specs: dict, base: str, cache_dir: str):
                                 f"'{_where(value)}' as {spec.kind}: {msg}") from None
         return out
 
-    return ds.map(convert, with_indices=True, new_fingerprint=fp, load_from_cache_file=True,
-                  cache_file_name=os.path.join(cache_dir, f"{split}-{fp}.arrow"),
-                  desc=f"preprocessing {split} media")
+    cache_file = os.path.join(cache_dir, f"{split}-{fp}.arrow")
+    features = None if os.path.isfile(cache_file) or not len(ds) else array_features(convert(ds[0], 0))
+    return ds.map(convert, with_indices=True, new_fingerprint=fp, load_from_cache_file=True, features=features,
+                  cache_file_name=cache_file, desc=f"preprocessing {split} media")
+
+
+def array_features(example: dict):
+    """Fixed-shape Arrow tensor types (Array2D..5D) for the processed columns: they read back as numpy
+    arrays without a pass through Python lists, which is what makes a cached epoch cheap."""
+    import datasets
+
+    kinds = {2: datasets.Array2D, 3: datasets.Array3D, 4: datasets.Array4D, 5: datasets.Array5D}
+    out = {}
+    for column, arr in example.items():
+        arr = np.asarray(arr)
+        dtype = str(arr.dtype)
+        if arr.ndim in kinds:
+            out[column] = kinds[arr.ndim](shape=tuple(arr.shape), dtype=dtype)
+        elif arr.ndim == 1:
+            out[column] = datasets.Sequence(datasets.Value(dtype), length=int(arr.shape[0]))
+        else:
+            raise DataError(f"column '{column}': preprocessed rows of shape {list(arr.shape)} are not supported")
+    return datasets.Features(out)
 
 
 def _main_process_first():
@@ -439,17 +459,24 @@ def random_resized_crop_flip(x: torch.Tensor, min_scale: float) -> torch.Tensor:
 
 
 class MediaDataset(torch.utils.data.Dataset):
-    """The `FeatureDataset` interface over a preprocessed (memory-mapped) Arrow split.
+    """The `FeatureDataset` interface over a preprocessed Arrow split.
 
     Items are `{modality: tensor, ..., "labels", "index"}`; `(i, keep)` zeroes the modalities not in
-    `keep` (data-stage balancers). Float-array columns stay in memory as tensors; media columns are read
-    from the cache per item; image / video columns of the train split are augmented per item.
+    `keep` (data-stage balancers). Float-array columns stay in memory as tensors; media columns are held
+    in memory too when the split fits `data.media_in_memory_gb`, else read from the memory-mapped cache
+    (a batch per Arrow read); image / video / flow columns of the train split are augmented per item.
     """
 
     def __init__(self, processed, tensors: dict, labels: torch.Tensor, split: str, modalities: list,
-                 specs: dict, train: bool):
-        self.processed = processed.with_format("torch", columns=[m for m in modalities if m in specs])
-        self.tensors = tensors
+                 specs: dict, train: bool, in_memory: bool = False):
+        self.processed = processed.with_format("numpy", columns=[m for m in modalities if m in specs])
+        self.tensors = dict(tensors)
+        if in_memory:  # the whole preprocessed split as tensors: the speed of pre-extracted arrays
+            for m in self.processed.column_names:
+                self.tensors[m] = torch.from_numpy(np.ascontiguousarray(self.processed[m]))
+            self.from_arrow = set()
+        else:
+            self.from_arrow = set(self.processed.column_names)
         self.labels = labels
         self.split = split
         self.modalities = list(modalities)
@@ -459,15 +486,10 @@ class MediaDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, idx):
-        keep = None
-        if isinstance(idx, (tuple, list)):
-            idx, keep = idx
-        idx = int(idx)
-        row = self.processed[idx] if self.specs else {}
+    def _item(self, idx: int, row: dict, keep) -> dict:
         item = {}
         for m in self.modalities:
-            x = row[m] if m in self.specs else self.tensors[m][idx]
+            x = torch.from_numpy(np.asarray(row[m])) if m in self.from_arrow else self.tensors[m][idx]
             if m in self.augment:
                 x = random_resized_crop_flip(x, self.specs[m].crop_scale)
             item[m] = x if keep is None or m in keep else torch.zeros_like(x)
@@ -475,9 +497,24 @@ class MediaDataset(torch.utils.data.Dataset):
         item["index"] = idx
         return item
 
+    def __getitem__(self, idx):
+        keep = None
+        if isinstance(idx, (tuple, list)):
+            idx, keep = idx
+        idx = int(idx)
+        return self._item(idx, self.processed[idx] if self.from_arrow else {}, keep)
+
+    def __getitems__(self, indices: list) -> list:
+        """A whole batch in one Arrow read (the DataLoader calls this when it exists)."""
+        if not self.from_arrow or not indices or any(isinstance(i, (tuple, list)) for i in indices):
+            return [self[i] for i in indices]
+        idx = [int(i) for i in indices]
+        block = self.processed[idx]
+        return [self._item(i, {m: block[m][j] for m in block}, None) for j, i in enumerate(idx)]
+
     def input_shapes(self) -> dict:
-        first = self.processed[0] if len(self.processed) else {}
-        shapes = {m: list(first[m].shape) for m in self.specs if m in first}
+        first = self.processed[0] if len(self.processed) and self.from_arrow else {}
+        shapes = {m: list(np.asarray(first[m]).shape) for m in self.from_arrow if m in first}
         shapes.update({m: list(t.shape[1:]) for m, t in self.tensors.items()})
         return {m: shapes[m] for m in self.modalities if m in shapes}
 
@@ -494,7 +531,9 @@ def build_media_dataset(cfg, ds, split: str, modalities: list, specs: dict, labe
     keep = [m for m in modalities if m in specs]
     with _main_process_first():
         processed = preprocess_split(ds.select_columns(keep), split, specs, base, cache_dir)
-    return MediaDataset(processed, tensors, labels, split, modalities, specs, train)
+    limit = getattr(cfg, "media_in_memory_gb", 2.0)
+    in_memory = limit is not None and processed.data.nbytes <= float(limit) * 2 ** 30
+    return MediaDataset(processed, tensors, labels, split, modalities, specs, train, in_memory)
 
 
 def write_media_card(out_dir: str, columns: dict, **extra) -> None:
