@@ -72,12 +72,16 @@ def _recipe(name: str, data: str, out: str, method: str = "none", *overrides):
                                                     f"balance.method={method}", *overrides])
 
 
+TWINS = {"cremad": "cremad/vit_ast_tiny.yaml", "kinetics-sounds": "kinetics_sounds/vit_ast_tiny.yaml",
+         "ave": "kinetics_sounds/vit_ast_tiny.yaml", "vggsound": "kinetics_sounds/vit_ast_tiny.yaml"}
+
+
 @pytest.mark.parametrize("method", ["none", "ogm_ge", "mmpareto"])
-def test_cremad_replica_trains_with_tiny_vit_and_ast(converted, tmp_path, method):
+@pytest.mark.parametrize("dataset", list(TWINS))
+def test_audio_visual_replicas_train_with_tiny_vit_and_ast(converted, tmp_path, dataset, method):
     from mmbalance_llm.train.trainer import Trainer
 
-    recipe = _recipe("cremad/vit_ast_tiny.yaml", converted["cremad"], str(tmp_path / "run"), method,
-                     "train.shapley=false")
+    recipe = _recipe(TWINS[dataset], converted[dataset], str(tmp_path / "run"), method, "train.shapley=false")
     final = Trainer(recipe).fit()
     assert 0.0 <= final["test"]["accuracy"] <= 1.0
     assert set(final["test"]["unimodal_accuracy"]) == {"audio", "visual"}
@@ -101,7 +105,8 @@ def test_fusion_transformer_twin_on_ave_and_vggsound(converted, tmp_path):
         assert 0.0 <= final["test"]["accuracy"] <= 1.0
 
 
-def test_food101_image_text_ucf101_flow_and_mosei_features_train(converted, tmp_path):
+@pytest.mark.parametrize("method", ["none", "ogm_ge", "mmpareto"])
+def test_food101_image_text_ucf101_flow_and_mosei_features_train(converted, tmp_path, method):
     from mmbalance_llm.config import recipe_from_dict
     from mmbalance_llm.train.trainer import Trainer
 
@@ -118,14 +123,17 @@ def test_food101_image_text_ucf101_flow_and_mosei_features_train(converted, tmp_
             "text": {"encoder": "hf", "name_or_path": bert, "pooling": "mean", "lr": 1e-3}}},
             "data": {"media": {"image": {"processor": {"class": "ViTImageProcessor", "size": {"height": 32, "width": 32}}},
                                "text": {"processor": tok, "max_length": 12}}}},
-        "ucf101": {"model": {"feature_dim": 16, "encoders": {"visual": {"encoder": "resnet18"},
+        "ucf101": {"model": {"feature_dim": 16, "encoders": {"visual": {"encoder": "hf", "name_or_path": vit},
                                                              "flow": {"encoder": "resnet18"}}},
-                   "data": {"media": {"visual": {"size": 32}, "flow": {"size": 32}}}},
+                   "data": {"media": {"visual": {"processor": {"class": "ViTImageProcessor",
+                                                               "size": {"height": 32, "width": 32}}},
+                                      "flow": {"size": 32}}}},
         "mosei": {"model": {"feature_dim": 16, "hidden_dim": 16, "num_layers": 1}, "data": {}},
     }
     for name, raw in runs.items():
         raw["data"]["path"] = converted[name]
-        recipe = recipe_from_dict({**raw, "train": train, "output_dir": str(tmp_path / name)})
+        recipe = recipe_from_dict({**raw, "train": train, "balance": {"method": method},
+                                   "output_dir": str(tmp_path / name)})
         final = Trainer(recipe).fit()
         assert 0.0 <= final["test"]["accuracy"] <= 1.0, name
 
