@@ -189,7 +189,8 @@ def ucf101(args) -> None:
     with open(_need(os.path.join(lists, "classInd.txt"), "UCF-101 class list")) as fh:
         classes = [line.split()[1] for line in fh if line.strip()]
     index = {c: i for i, c in enumerate(classes)}
-    flow_root = os.path.join(raw, "tvl1_flow")
+    # TV-L1 flow as tvl1_flow/{u,v}/<clip>/ (the two-stream release) or {u,v}/<clip>/ (BalanceBenchmark's paths)
+    flow_root = os.path.join(raw, "tvl1_flow") if os.path.isdir(os.path.join(raw, "tvl1_flow")) else raw
     frames_root = os.path.join(raw, "ucf101-frames-1fps", "video-set")
     splits = {}
     for split, fname in (("train", f"trainlist0{args.split}.txt"), ("test", f"testlist0{args.split}.txt")):
