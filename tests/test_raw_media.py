@@ -190,3 +190,17 @@ def test_memory_mapped_and_in_memory_splits_give_the_same_batches(folder):
                     DataLoader(mapped.train, batch_size=4, collate_fn=collate)):  # __getitems__: one read
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(mapped.train[(1, ("audio",))]["image"], torch.zeros(3, 16, 16))
+
+
+def test_processor_defaults_to_the_encoders_checkpoint(tmp_path):
+    from mmbalance_llm.config import ModelConfig
+
+    data = DataConfig(path=str(tmp_path), media={"visual": {"kind": "video"}, "audio": {"processor": "waveform"}})
+    model = ModelConfig(encoders={"visual": {"encoder": "hf", "name_or_path": "google/vit-base-patch16-224"},
+                                  "audio": {"encoder": "hf", "name_or_path": "facebook/wav2vec2-base"},
+                                  "text": {"encoder": "hf", "name_or_path": {"model_type": "bert"}}})
+    filled = media.processors_from_encoders(data, model)
+    assert filled.media["visual"] == {"kind": "video", "processor": "google/vit-base-patch16-224"}
+    assert filled.media["audio"] == {"processor": "waveform"}  # an explicit processor wins
+    assert "text" not in filled.media  # a config dict has no processor to load
+    assert data.media["visual"] == {"kind": "video"}  # the recipe itself is not changed

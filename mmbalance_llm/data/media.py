@@ -120,6 +120,22 @@ def media_specs(cfg, modalities: list) -> dict:
     return {c: parse_spec(c, v) for c, v in merged.items() if c in modalities}
 
 
+def processors_from_encoders(data_cfg, model_cfg):
+    """A copy of `data_cfg` whose media columns without a `processor` use their encoder's checkpoint
+    (`model.encoders.<column>.name_or_path` when it is a folder or hub id): the encoder's own processor
+    without repeating the id in the recipe. The trainer calls it before `load_feature_data`."""
+    filled = {}
+    for column, enc in (getattr(model_cfg, "encoders", None) or {}).items():
+        source = (enc or {}).get("name_or_path")
+        if (enc or {}).get("encoder") == "hf" and isinstance(source, str):
+            spec = dict((data_cfg.media or {}).get(column) or {})
+            if spec.get("processor") is None:
+                filled[column] = {**spec, "processor": source}
+    if not filled:
+        return data_cfg
+    return dataclasses.replace(data_cfg, media={**(data_cfg.media or {}), **filled})
+
+
 # -- decoding --------------------------------------------------------------------------------------
 def _resolve(path: str, base: str) -> str:
     return path if os.path.isabs(path) or not base else os.path.join(base, path)
