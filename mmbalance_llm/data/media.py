@@ -136,6 +136,23 @@ def processors_from_encoders(data_cfg, model_cfg):
     return dataclasses.replace(data_cfg, media={**(data_cfg.media or {}), **filled})
 
 
+def saved_run_data_config(model_dir: str, data_path: str):
+    """The DataConfig for evaluating a saved model on raw media: `data.media` of the run's recipe
+    (`<run>/config.yaml` next to `<run>/best`), over the data folder's media.json."""
+    import yaml
+
+    from mmbalance_llm.config import DataConfig
+
+    recipe = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "config.yaml")
+    section = {}
+    if os.path.isfile(recipe):
+        with open(recipe, encoding="utf-8") as fh:
+            section = (yaml.safe_load(fh) or {}).get("data") or {}
+    return DataConfig(path=data_path, media=section.get("media") or {},
+                      media_cache_dir=section.get("media_cache_dir"),
+                      media_in_memory_gb=section.get("media_in_memory_gb", 2.0))
+
+
 # -- decoding --------------------------------------------------------------------------------------
 def _resolve(path: str, base: str) -> str:
     return path if os.path.isabs(path) or not base else os.path.join(base, path)
