@@ -1,4 +1,4 @@
-"""Throughput of the raw-media pipeline (data/media.py) on a CREMA-D replica.
+"""Throughput of the raw-media pipeline (data/media_columns.py) on a CREMA-D replica.
 
     python benchmarks/media_pipeline.py [--per-class 40] [--epochs 3] [--size 112] [--out benchmarks/results]
 
@@ -7,7 +7,7 @@ resized to size x size, ImageNet-normalised) through a DataLoader (batch 16, 0 w
 
 - plain: a map-style Dataset that decodes and transforms every item on every epoch (soundfile + PyAV + PIL,
   the BalanceBenchmark-style loop; torchvision is not importable on this CPU build, so its Resize /
-  Normalize are the PIL / numpy equivalents in data/media.py);
+  Normalize are the PIL / numpy equivalents in data/media_columns.py);
 - cached, first epoch: `load_feature_data` (decode + preprocess once through datasets.map, written to the
   Arrow cache) plus one pass over the loader;
 - cached, later epochs: passes over the loader of the same process (the cache is memory-mapped);
@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmbalance_llm.config import DataConfig
-from mmbalance_llm.data import media
+from mmbalance_llm.data import media_columns as media
 from mmbalance_llm.data.features import FeatureDataset, collate, load_feature_data
 from mmbalance_llm.data.raw_replica import write_replica
 

@@ -70,7 +70,7 @@ class DataConfig:
     num_workers: int = _help("DataLoader worker processes.", default=0)
     media: dict = _help(
         "Raw-media columns: {column: {kind: image|audio|video|text, processor: ..., ...}} (see "
-        "mmbalance_llm.data.media.MediaSpec); merged key by key over the data folder's media.json.",
+        "mmbalance_llm.data.media_columns.MediaSpec); merged key by key over the data folder's media.json.",
         default_factory=dict,
     )
     media_cache_dir: Optional[str] = _help(

@@ -1,4 +1,4 @@
-"""Media columns in the dataset contract (data/media.py): decoding every accepted form, the datasets.map
+"""Media columns in the dataset contract (data/media_columns.py): decoding every accepted form, the datasets.map
 cache (written once, reused, invalidated by a spec change), augmentation kept out of the cache, and
 one-line errors naming split, column, row and file before training."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mmbalance_llm.config import DataConfig
-from mmbalance_llm.data import media
+from mmbalance_llm.data import media_columns as media
 from mmbalance_llm.data.features import DataError, load_feature_data
 from mmbalance_llm.data.raw_replica import frame, tone, write_jpg, write_video, write_wav
 

@@ -11,7 +11,7 @@ the dataset contract (train / validation / test jsonl + media.json).
     common options: [--validation-fraction 0.1] [--seed 0] [--classes a,b,...]
 
 Rows hold absolute paths into RAW_DIR (nothing is copied); decoding and preprocessing happen once, at
-training time, through data/media.py. Where a dataset has no validation split, `--validation-fraction` of
+training time, through data/media_columns.py. Where a dataset has no validation split, `--validation-fraction` of
 train is carved off with `--seed`; where it has no official split at all (CREMA-D without list files),
 10% of the clips become test first. Classes are numbered in the order given in docs/raw_media.md (the
 BalanceBenchmark order where it fixes one). Loader conventions follow
@@ -28,7 +28,7 @@ import pickle
 import numpy as np
 
 from mmbalance_llm.data.features import DataError
-from mmbalance_llm.data.media import write_media_card
+from mmbalance_llm.data.media_columns import write_media_card
 
 CREMAD_CLASSES = {"NEU": 0, "HAP": 1, "SAD": 2, "FEA": 3, "DIS": 4, "ANG": 5}  # BalanceBenchmark's class_dict
 AV_MEDIA = {"audio": {"kind": "audio"}, "visual": {"kind": "video", "num_frames": 3}}

@@ -22,7 +22,7 @@ def evaluate_saved(model_dir: str, data_path: str, split: str = "test", batch_si
     if split not in raw:
         raise DataError(f"data '{data_path}' has no split '{split}'")
     ds = raw[split]
-    from mmbalance_llm.data.media import build_media_dataset, media_specs, saved_run_data_config
+    from mmbalance_llm.data.media_columns import build_media_dataset, media_specs, saved_run_data_config
 
     data_cfg = saved_run_data_config(model_dir, data_path)  # raw media: the run's preprocessing
     specs = media_specs(data_cfg, list(model.modalities))

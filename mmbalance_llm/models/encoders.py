@@ -98,7 +98,7 @@ def build_encoder(kind: str, in_shape, settings: dict) -> nn.Module:
         return TransformerEncoder(in_shape, settings["hidden_dim"], settings["feature_dim"], settings["num_layers"],
                                   settings["num_heads"], settings["dropout"])
     if kind == "resnet18" or (kind == "hf" and settings.get("name_or_path") is not None):
-        from mmbalance_llm.models.media_encoders import build_media_encoder  # raw media (data/media.py)
+        from mmbalance_llm.models.media_encoders import build_media_encoder  # raw media (data/media_columns.py)
 
         return build_media_encoder(kind, in_shape, settings)
     if kind == "hf":

@@ -1,4 +1,4 @@
-"""Encoders for preprocessed raw media (data/media.py): pretrained Hugging Face backbones and ResNet-18.
+"""Encoders for preprocessed raw media (data/media_columns.py): pretrained Hugging Face backbones and ResNet-18.
 
 Per-modality settings (recipe `model.encoders.<modality>`):
 
