@@ -118,7 +118,7 @@ def test_per_modality_learning_rates_make_param_groups():
     vit = FAMILIES["vit"][0]
     model = _classifier({"visual": {"encoder": "hf", "name_or_path": vit, "lr": 1e-5}, "audio": {"encoder": "mlp"}},
                         {"visual": [3, 32, 32], "audio": [8]})
-    opt = make_optimizer(model, TrainConfig(lr=1e-3))
+    opt = make_optimizer(model, TrainConfig(learning_rate=1e-3))
     by_lr = {}
     for g in opt.param_groups:
         by_lr.setdefault(g["lr"], set()).update(id(p) for p in g["params"])
