@@ -118,7 +118,8 @@ def test_food101_image_text_ucf101_flow_and_mosei_features_train(converted, tmp_
            "intermediate_size": 64, "image_size": 32, "patch_size": 8}
     bert = {"model_type": "bert", "vocab_size": 200, "hidden_size": 32, "num_hidden_layers": 1,
             "num_attention_heads": 2, "intermediate_size": 64}
-    train = {"epochs": 1, "batch_size": 4, "progress": False, "plots": False, "shapley": False}
+    train = {"num_train_epochs": 1, "per_device_train_batch_size": 4, "progress": False, "plots": False,
+             "shapley": False}
     runs = {
         "food101": {"model": {"feature_dim": 16, "encoders": {
             "image": {"encoder": "hf", "name_or_path": vit},
