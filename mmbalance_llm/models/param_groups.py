@@ -3,7 +3,7 @@
 A pretrained backbone usually wants a smaller step than the fusion head trained from scratch (e.g. ViT at
 1e-5 next to a head at 1e-3). `modality_lr_groups` takes the groups the optimizer builder already made
 (any split, e.g. decay / no-decay) and moves the parameters of every modality that sets `lr` into copies
-of those groups carrying that `lr`; everything else keeps `train.lr`. Without any per-modality `lr` it
+of those groups carrying that `lr`; everything else keeps `train.learning_rate`. Without any per-modality `lr` it
 returns the groups unchanged.
 """
 from __future__ import annotations
