@@ -151,3 +151,31 @@ def test_hf_media_encoders_inside_models_round_trip(arch, tmp_path):
     assert set(load_file(str(tmp_path / "model.safetensors"))) <= set(model.state_dict())  # live names on disk
     again = AutoModel.from_pretrained(tmp_path).eval()
     assert torch.allclose(model(**inputs).logits, again(**inputs).logits, atol=1e-5)
+
+
+def test_local_pretrained_folders_load_and_saved_models_reload_their_fine_tuned_weights(tmp_path):
+    """`name_or_path` a local folder (as a hub id would be): weights come from it at build time; inside
+    `from_pretrained` of the saved classifier the backbone is built from its config and the saved, fine-tuned
+    weights win. A pretrained RGB ResNet stem is channel-averaged for a 1-channel spectrogram."""
+    from transformers import AutoModel, ResNetModel, ViTConfig, ViTModel
+
+    from mmbalance_llm.models.media_encoders import resnet18_config
+
+    vit = ViTModel(ViTConfig(**{k: v for k, v in FAMILIES["vit"][0].items() if k != "model_type"}))
+    vit.save_pretrained(tmp_path / "vit")
+    rgb = ResNetModel(resnet18_config(3))
+    rgb.save_pretrained(tmp_path / "rn")
+    model = _classifier({"visual": {"encoder": "hf", "name_or_path": str(tmp_path / "vit")},
+                         "audio": {"encoder": "resnet18", "name_or_path": str(tmp_path / "rn")}},
+                        {"visual": [3, 32, 32], "audio": [1, 32, 32]}).eval()
+    loaded = model.encoders["visual"].backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in vit.state_dict().items() if k in loaded)
+    stem = model.encoders["audio"].backbone.embedder.embedder.convolution.weight
+    assert stem.shape[1] == 1 and torch.allclose(stem[:, 0], rgb.embedder.embedder.convolution.weight.mean(1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)  # "fine-tuned": no longer the folders' weights
+    model.save_pretrained(tmp_path / "run")
+    again = AutoModel.from_pretrained(tmp_path / "run").eval()
+    x = {"visual": torch.randn(2, 3, 32, 32), "audio": torch.randn(2, 1, 32, 32)}
+    assert torch.allclose(model(**x).logits, again(**x).logits, atol=1e-5)

@@ -31,6 +31,12 @@ MEDIA_ENCODER_DEFAULTS = {"name_or_path": None, "pooling": "cls", "train_layers"
 POOLINGS = ("cls", "mean", "attention")
 
 
+def loading_saved_model() -> bool:
+    """True while an enclosing `from_pretrained` builds the model on the meta device: the backbone is then
+    built from its config only, and the enclosing load fills in the saved (fine-tuned) weights."""
+    return torch.empty(0).device.type == "meta"
+
+
 def _load_backbone(source, trust_remote_code: bool = False):
     from transformers import AutoConfig, AutoModel
 
@@ -40,6 +46,8 @@ def _load_backbone(source, trust_remote_code: bool = False):
         if model_type is None:
             raise ValueError("model.encoders.<modality>.name_or_path: a config dict needs 'model_type'")
         return AutoModel.from_config(AutoConfig.for_model(model_type, **cfg))
+    if loading_saved_model():
+        return AutoModel.from_config(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code))
     return AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
@@ -205,12 +213,17 @@ class ResNet18Encoder(nn.Module):
         channels = int(in_shape[-3])
         if name_or_path is None:
             self.backbone = ResNetModel(resnet18_config(channels))
+        elif loading_saved_model():  # the enclosing from_pretrained loads the fine-tuned weights
+            from transformers import ResNetConfig
+
+            self.backbone = ResNetModel(ResNetConfig.from_pretrained(name_or_path, num_channels=channels))
         else:
             self.backbone = ResNetModel.from_pretrained(name_or_path)
             conv = self.backbone.embedder.embedder.convolution
             if conv.in_channels != channels:  # pretrained RGB stem on a 1-channel spectrogram
                 new = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
                 new.weight.data.copy_(conv.weight.data.mean(1, keepdim=True).expand_as(new.weight))
+                new._is_hf_initialized = True  # the enclosing model's post_init must not re-draw it
                 self.backbone.embedder.embedder.convolution = new
                 self.backbone.embedder.num_channels = channels
                 self.backbone.config.num_channels = channels
