@@ -153,3 +153,16 @@ def test_two_process_ddp_trains_the_cremad_twin(converted, tmp_path):
                           cwd=os.path.join(os.path.dirname(__file__), ".."))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.isfile(tmp_path / "run" / "final_metrics.json")
+
+
+@pytest.mark.parametrize("path", sorted(f"{d}/{f}" for d in ("cremad", "kinetics_sounds")
+                                        for f in os.listdir(os.path.join(RECIPES, d))))
+def test_every_media_recipe_is_valid(path):
+    from mmbalance_llm.data.media_columns import parse_spec
+
+    recipe = load_recipe(os.path.join(RECIPES, path))
+    assert set(recipe.data.media) == set(recipe.model.encoders)
+    for column, spec in recipe.data.media.items():
+        parse_spec(column, spec)
+    if not path.endswith("_tiny.yaml"):  # the GPU recipes run the full schedule
+        assert recipe.train.num_train_epochs >= 20
