@@ -204,3 +204,14 @@ def test_processor_defaults_to_the_encoders_checkpoint(tmp_path):
     assert filled.media["audio"] == {"processor": "waveform"}  # an explicit processor wins
     assert "text" not in filled.media  # a config dict has no processor to load
     assert data.media["visual"] == {"kind": "video"}  # the recipe itself is not changed
+
+
+def test_float_columns_next_to_media_columns(folder):
+    for split in ("train", "validation", "test"):
+        rows = [json.loads(line) for line in open(folder / f"{split}.jsonl")]
+        with open(folder / f"{split}.jsonl", "w") as fh:
+            fh.writelines(json.dumps({**r, "pose": [float(r["label"])] * 4}) + "\n" for r in rows)
+    data = load_feature_data(DataConfig(path=str(folder), modalities=["image", "pose"]))
+    assert data.input_shapes == {"image": [3, 16, 16], "pose": [4]}
+    item = data.train[1]
+    assert torch.equal(item["pose"], torch.ones(4)) and item["image"].shape == (3, 16, 16)
