@@ -159,18 +159,15 @@ def test_bad_specs_name_the_key(folder):
         load_feature_data(DataConfig(path=str(folder), media={"depth": {"kind": "image"}}))
 
 
-def test_cli_reports_bad_media_as_one_line_exit_2(folder, tmp_path):
-    import subprocess
-    import sys
+def test_cli_reports_bad_media_as_one_line_exit_2(folder, tmp_path, capsys):
+    from mmbalance_llm.cli import main as cli_main
 
     (folder / "img" / "train2.jpg").write_bytes(b"not a jpeg")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"data: {{path: {folder}}}\ntrain: {{epochs: 1, progress: false}}\n"
+    recipe.write_text(f"data: {{path: {folder}}}\ntrain: {{num_train_epochs: 1, progress: false}}\n"
                       f"output_dir: {tmp_path / 'run'}\n")
-    proc = subprocess.run([sys.executable, "-m", "mmbalance_llm", "train", str(recipe)], capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
+    assert cli_main(["train", str(recipe)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("mmbalance: error: split 'train', column 'image', row 2: cannot read 'img/train2.jpg'")
     assert not (tmp_path / "run").exists()  # nothing written before the data is valid
 
