@@ -91,6 +91,18 @@ class DataConfig:
     train_split: str = _help("Split used for training.", default="train")
     validation_split: str = _help("Split that chooses checkpoints and feeds held-out statistics.", default="validation")
     test_split: str = _help("Split read once at the end for the final report.", default="test")
+    media: dict = _help(
+        "Raw-media columns: {column: {kind: image|audio|video|text, processor: ..., ...}} (see "
+        "mmbalance_llm.data.media_columns.MediaSpec); merged key by key over the data folder's media.json.",
+        default_factory=dict,
+    )
+    media_cache_dir: Optional[str] = _help(
+        "Where the preprocessed media splits are cached (default: <data.path>/.media_cache).", default=None
+    )
+    media_in_memory_gb: Optional[float] = _help(
+        "Hold a preprocessed media split in memory when its cache is at most this many GiB (else read it "
+        "memory-mapped, batch by batch); null: always memory-mapped.", default=2.0
+    )
 
 
 # ------------------------------------------------------------------------------------------ sft
