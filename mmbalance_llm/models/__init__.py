@@ -1,22 +1,13 @@
-"""Models: encoders, fusion heads and the multimodal classifier.
+"""Models: encoders, fusion heads and the multimodal classifiers.
 
-The public names load on first use: `import mmbalance_llm.models.fusion` (e.g. from a balancer module,
-or from `mmbalance methods`) must not import transformers' model classes.
-"""
-from __future__ import annotations
+Importing this package registers every classifier architecture of the toolkit (the concat/sum/film/gated
+classifier, the attention-fusion FusionTransformer, MLA's shared head, Greedy's MMTM) with `AutoConfig` /
+`AutoModel`, so `AutoModel.from_pretrained(run/best)` loads any of them."""
+from mmbalance_llm.models.classifier import MultimodalClassifier, MultimodalClassifierConfig
+from mmbalance_llm.models.fusion_transformer import FusionTransformer, FusionTransformerConfig
+from mmbalance_llm.models.mmtm import MMTMClassifier, MMTMConfig
+from mmbalance_llm.models.outputs import MultimodalOutput
+from mmbalance_llm.models.shared_head import SharedHeadClassifier, SharedHeadConfig
 
-import importlib
-
-_LAZY = {
-    "MultimodalClassifier": "mmbalance_llm.models.classifier",
-    "MultimodalClassifierConfig": "mmbalance_llm.models.classifier",
-    "MultimodalOutput": "mmbalance_llm.models.outputs",
-}
-
-__all__ = ["MultimodalClassifier", "MultimodalClassifierConfig", "MultimodalOutput"]
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mmbalance_llm.models' has no attribute {name!r}")
+__all__ = ["FusionTransformer", "FusionTransformerConfig", "MMTMClassifier", "MMTMConfig", "MultimodalClassifier",
+           "MultimodalClassifierConfig", "MultimodalOutput", "SharedHeadClassifier", "SharedHeadConfig"]
