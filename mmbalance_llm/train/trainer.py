@@ -57,6 +57,9 @@ class Trainer:
         with acc.main_process_first():  # the main process fills the preprocessing cache; the others read it
             task.load_data(datasets)
         self.data = getattr(task, "data", None)
+        # seeded again: the weights must not depend on whether the main process just built a tiny twin or
+        # generated data (which draw from the same generators)
+        set_seed(cfg.seed)
         model = task.build_model(self.balancer, model)
         self._check_metric_for_best()
         self.resume_dir = ckpt.resolve_resume(cfg.resume_from_checkpoint, recipe.output_dir)
