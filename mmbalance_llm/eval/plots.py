@@ -29,7 +29,10 @@ def plot_run(metrics_path: str, out_png: str, title: str = "") -> str:
         epochs = [r["epoch"] for r in rows]
         ax.plot(epochs, [r["accuracy"] for r in rows], "k-", lw=2, label="fused")
         for m in rows[0].get("unimodal_accuracy", {}):
-            ax.plot(epochs, [r["unimodal_accuracy"][m] for r in rows], "--", label=f"{m} (unimodal)")
+            line, = ax.plot(epochs, [r["unimodal_accuracy"][m] for r in rows], "--", label=f"{m} (unimodal)")
+            if "unimodal_probe_accuracy" in rows[0]:
+                ax.plot(epochs, [r["unimodal_probe_accuracy"][m] for r in rows], ":", color=line.get_color(),
+                        label=f"{m} (encoder probe)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
     ax.set_title(title or "accuracy per modality")
@@ -42,8 +45,9 @@ def plot_run(metrics_path: str, out_png: str, title: str = "") -> str:
 
 
 def plot_compare_curves(runs: dict, out_png: str, modalities: list, alone: dict | None = None) -> str:
-    """One panel per modality: its unimodal validation accuracy per epoch for every method, with the
-    modality's trained-alone test accuracy as a dotted reference line when given."""
+    """One panel per modality: its unimodal validation accuracy per epoch for every method (solid) and
+    its encoder-probe accuracy (dotted, same colour), with the modality's trained-alone test accuracy as
+    a grey dotted reference line when given."""
     n = len(modalities) + 1
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), sharey=True)
     for name, metrics_path in runs.items():
@@ -51,12 +55,14 @@ def plot_compare_curves(runs: dict, out_png: str, modalities: list, alone: dict 
         if not rows:
             continue
         epochs = [r["epoch"] for r in rows]
-        axes[0].plot(epochs, [r["accuracy"] for r in rows], label=name)
+        line, = axes[0].plot(epochs, [r["accuracy"] for r in rows], label=name)
         for ax, m in zip(axes[1:], modalities):
-            ax.plot(epochs, [r["unimodal_accuracy"][m] for r in rows], label=name)
+            ax.plot(epochs, [r["unimodal_accuracy"][m] for r in rows], color=line.get_color(), label=name)
+            if "unimodal_probe_accuracy" in rows[0]:
+                ax.plot(epochs, [r["unimodal_probe_accuracy"][m] for r in rows], ":", color=line.get_color())
     axes[0].set_title("fused")
     for ax, m in zip(axes[1:], modalities):
-        ax.set_title(f"{m} (unimodal)")
+        ax.set_title(f"{m}: unimodal (solid), encoder probe (dotted)", fontsize=9)
         if alone and alone.get(m, {}).get("accuracy") is not None:
             ax.axhline(alone[m]["accuracy"], color="gray", ls=":", label=f"{m} trained alone")
     for ax in axes:
