@@ -26,6 +26,7 @@ DELEGATED = {
     ("make-data", "mm-instruct"): "mmbalance_llm.data.mm_synthetic:main",
     ("make-data", "tiny-model"): "mmbalance_llm.models.tiny:main",
     ("make-data", "diagnostic"): "mmbalance_llm.data.diagnostic:main",
+    ("make-data", "from-arrays"): "mmbalance_llm.data.from_arrays:main",
     ("attribute",): "mmbalance_llm.attribution.cli:attribute_main",
     ("reliance",): "mmbalance_llm.eval.reliance_cli:reliance_main",
 }
@@ -160,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("make-data", help="generate datasets: synthetic (features), mm-instruct (images/tones + "
                                          "questions for MLLM fine-tuning), tiny-model (random-weight MLLM twins)")
-    d.add_argument("kind", choices=["synthetic", "mm-instruct", "tiny-model", "diagnostic"])
+    d.add_argument("kind", choices=["synthetic", "mm-instruct", "tiny-model", "diagnostic", "from-arrays"])
     d.add_argument("out_dir")
     d.add_argument("--preset", default=None, help="av_imbalance | balanced | tri_modal | tokens")
     d.add_argument("--modality", action="append", default=[],
