@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipes", default=None, help="folder of per-method recipes, DIR/<method>.yaml (e.g. "
                                                    "recipes/synthetic); `none` and the trained-alone runs use "
                                                    "DIR/baseline.yaml")
-    c.add_argument("--jobs", type=int, default=1, help="runs side by side, each its own `mmbalance train` process")
+    c.add_argument("--jobs", type=int, default=1, help="runs side by side in this many worker processes")
     c.add_argument("--methods", default="none,unimodal_aux,ogm_ge")
     c.add_argument("--seeds", default="0")
     c.add_argument("--preset", default="av_imbalance", help="synthetic preset when no data path is given")

@@ -4,9 +4,9 @@ Each method is built from its own recipe when `--recipes DIR` is given (`DIR/<me
 run from `DIR/baseline.yaml` when there is no `none.yaml`), else from one base recipe (`--recipe`, or
 the built-in synthetic baseline) with the method's built-in defaults. `--data` and `key=value` overrides
 apply to every run. Every modality is also trained alone (from the baseline recipe) as the reference
-for how far joint training leaves each modality behind. With `--jobs N` the runs go to N single-machine
-`mmbalance train` processes side by side; with 1 they run in this process (which may itself be one of
-an `accelerate launch` group).
+for how far joint training leaves each modality behind. With `--jobs N` the runs go to N worker
+processes side by side (each trains its share of the runs in turn, OMP_NUM_THREADS or cores / N threads
+each); with 1 they run in this process (which may itself be one of an `accelerate launch` group).
 
 The table reports, on the test split of the checkpoint chosen on validation: fused accuracy, macro-F1,
 both unimodal metrics (`unimodal_accuracy`, the fused predictor's own unimodal path, and
@@ -23,11 +23,9 @@ import concurrent.futures
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
+import multiprocessing
 
-from mmbalance_llm.config import RecipeError, apply_overrides, dump_recipe, read_yaml, recipe_from_dict
+from mmbalance_llm.config import RecipeError, apply_overrides, read_yaml, recipe_from_dict
 from mmbalance_llm.eval.activity import active_at, first_active_epoch
 from mmbalance_llm.train.io import write_json_atomic, write_text_atomic
 
@@ -167,12 +165,27 @@ def stale_checkpoint_warnings(rows: dict, seeds: list) -> list:
     return notes
 
 
-def _subprocess_env(jobs: int) -> dict:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE"):
-        env.setdefault(key, "1")
-    return env
+def _worker_setup(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def train_job(raw: dict) -> tuple:
+    """One run in a worker process: (final_metrics, timing). Errors come back as one-line RuntimeErrors."""
+    from mmbalance_llm.train.trainer import Trainer
+
+    raw = json.loads(json.dumps(raw))
+    raw.setdefault("train", {})["progress"] = False
+    try:
+        trainer = Trainer(recipe_from_dict(raw))
+        final = trainer.fit()
+    except Exception as exc:  # the pool would re-raise it without saying which run
+        raise RuntimeError(f"run '{raw.get('output_dir')}' failed: {type(exc).__name__}: {exc}") from None
+    return final, trainer.timing
 
 
 def run_compare(output_dir: str, methods=DEFAULT_METHODS, seeds=(0,), recipe_path: str | None = None,
@@ -235,31 +248,17 @@ def run_compare(output_dir: str, methods=DEFAULT_METHODS, seeds=(0,), recipe_pat
         final = trainer.fit()
         return finish(name, seed, raw, final, trainer.timing)
 
-    def run_process(job) -> dict:
-        name, seed, raw = job
-        os.makedirs(raw["output_dir"], exist_ok=True)
-        recipe_file = os.path.join(output_dir, "recipes", f"{name}-seed{seed}.yaml")
-        os.makedirs(os.path.dirname(recipe_file), exist_ok=True)
-        dump_recipe(recipe_from_dict(raw), recipe_file)
-        cmd = [sys.executable, "-m", "mmbalance_llm", "train", recipe_file, "train.progress=false"]
-        with tempfile.TemporaryFile("w+") as err:
-            code = subprocess.call(cmd, stdout=subprocess.DEVNULL, stderr=err, env=_subprocess_env(jobs))
-            err.seek(0)
-            tail = err.read()[-2000:]
-        if code != 0:
-            raise RuntimeError(f"{name} seed {seed} failed (exit {code}): "
-                               f"{(tail.strip().splitlines() or ['no output'])[-1]}")
-        with open(os.path.join(raw["output_dir"], "final_metrics.json"), encoding="utf-8") as fh:
-            final = json.load(fh)
-        with open(os.path.join(raw["output_dir"], "timing.json"), encoding="utf-8") as fh:
-            timing = json.load(fh)
-        return finish(name, seed, raw, final, timing)
-
     def run_all(batch: list) -> list:
         if jobs <= 1:
             return [run_here(j) for j in batch]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-            return list(pool.map(run_process, batch))
+        # Worker processes (spawned, so no forked torch state) each train many runs in turn: the
+        # package imports are paid once per worker, not once per run.
+        ctx = multiprocessing.get_context("spawn")
+        threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // jobs))
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_setup,
+                                                    initargs=(threads,)) as pool:
+            futures = [pool.submit(train_job, raw) for _, _, raw in batch]
+            return [finish(name, seed, raw, *fut.result()) for (name, seed, raw), fut in zip(batch, futures)]
 
     finals = run_all(jobs_list)
     results = {}
