@@ -34,13 +34,15 @@ def test_npz_cli_with_sliced_views_trains(tmp_path, run_tiny):
     np.savez(tmp_path / "v.npz", X=flat, tok=tokens, y=y)
     out = tmp_path / "ds"
     assert main(["make-data", "from-arrays", str(out), "--input", str(tmp_path / "v.npz"), "--label", "y",
-                 "--view", "a=X[0:2]", "--view", "b=X[2:]", "--view", "seq=tok", "--seed", "1"]) == 0
+                 "--view", "a=X[0:2]", "--view", "b=X[2:]", "--view", "seq=tok", "--seed", "1", "--standardize"]) == 0
     splits = load_splits(str(out), ["train", "validation", "test"])
     assert {s: len(d) for s, d in splits.items()} == {"train": 84, "validation": 12, "test": 24}
     assert splits["train"].column_names == ["a", "b", "seq", "label"]
     assert np.asarray(splits["test"][0]["seq"]).shape == (4, 5)
     card = json.loads((out / "card.json").read_text())
     assert card["views"] == {"a": [2], "b": [4], "seq": [4, 5]} and card["split"]["seed"] == 1
+    train_a = np.asarray(splits["train"]["a"])
+    assert card["standardized"] and np.allclose(train_a.mean(0), 0, atol=1e-5) and np.allclose(train_a.std(0), 1, atol=1e-4)
     _, final = run_tiny(str(out), train={"epochs": 1})
     assert set(final["test"]["unimodal_probe_accuracy"]) == {"a", "b", "seq"}
 

@@ -79,8 +79,9 @@ def check_view(name: str, arr) -> np.ndarray:
 
 
 def from_arrays(out_dir: str, views: dict, labels, *, validation: float = 0.1, test: float = 0.2, seed: int = 0,
-                source: str = "arrays") -> str:
-    """Write views {name: array [N, D] or [N, T, D]} and `labels` [N] as a split DatasetDict in `out_dir`."""
+                standardize: bool = False, source: str = "arrays") -> str:
+    """Write views {name: array [N, D] or [N, T, D]} and `labels` [N] as a split DatasetDict in `out_dir`.
+    With `standardize`, every feature is shifted and scaled by the *train* split's mean and std."""
     import datasets
 
     if not views:
@@ -93,6 +94,10 @@ def from_arrays(out_dir: str, views: dict, labels, *, validation: float = 0.1, t
         if len(a) != len(y):
             raise DataError(f"view '{m}' has {len(a)} rows, the labels have {len(y)}")
     split = stratified_split(y, validation, test, seed)
+    if standardize:  # statistics of the train split only, so nothing of validation / test leaks into training
+        for m, a in arrays.items():
+            train = a[split["train"]]
+            arrays[m] = (a - train.mean(0)) / np.maximum(train.std(0), 1e-6)
     num_classes = int(y.max()) + 1
     features = {m: (datasets.Array2D(shape=a.shape[1:], dtype="float32") if a.ndim == 3
                     else datasets.Sequence(datasets.Value("float32"), length=a.shape[1])) for m, a in arrays.items()}
@@ -112,6 +117,7 @@ def from_arrays(out_dir: str, views: dict, labels, *, validation: float = 0.1, t
     card = {"source": source, "views": {m: list(a.shape[1:]) for m, a in arrays.items()}, "num_classes": num_classes,
             "label_names": names, "split_sizes": {s: int(len(r)) for s, r in split.items()},
             "split": {"validation": validation, "test": test, "seed": seed, "stratified": True},
+            "standardized": bool(standardize),
             "columns": list(arrays) + ["label"]}
     with open(os.path.join(out_dir, "card.json"), "w", encoding="utf-8") as fh:
         json.dump(card, fh, indent=2)
@@ -199,6 +205,7 @@ def main(argv: list) -> int:
     p.add_argument("--validation", type=float, default=0.1, help="fraction of every class for validation")
     p.add_argument("--test", type=float, default=0.2, help="fraction of every class for test")
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
+    p.add_argument("--standardize", action="store_true", help="scale every feature by the train split's mean and std")
     args = p.parse_args(argv)
     views = {}
     for text in args.view:
@@ -207,7 +214,7 @@ def main(argv: list) -> int:
             raise DataError(f"--view '{text}': expected NAME=SPEC")
         views[name.strip()] = spec.strip()
     out = convert_file(args.out_dir, args.input, views or None, args.label, validation=args.validation,
-                       test=args.test, seed=args.seed)
+                       test=args.test, seed=args.seed, standardize=args.standardize)
     with open(os.path.join(out, "card.json"), encoding="utf-8") as fh:
         card = json.load(fh)
     print(f"[mmbalance] wrote {out} ({', '.join(f'{m} {s}' for m, s in card['views'].items())}; "
