@@ -59,3 +59,22 @@ def test_every_architecture_reports_both_unimodal_metrics(tiny_data, run_tiny, m
     assert saved["test"]["unimodal_probe_accuracy"] == final["test"]["unimodal_probe_accuracy"]
     rows = [json.loads(line) for line in open(f"{trainer.output_dir}/metrics.jsonl")]
     assert any("unimodal_probe_accuracy" in r for r in rows if r.get("split") == "validation")
+
+
+@pytest.mark.slow
+def test_probe_under_two_processes_reads_the_whole_split_on_every_rank(tiny_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=root, OMP_NUM_THREADS="1",
+               ACCELERATE_USE_CPU="true")
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           "accelerate_configs/ddp_cpu_2proc.yaml", "tests/probe_ddp_worker.py", tiny_data(),
+                           str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    assert ranks[0]["test"]["unimodal_probe_accuracy"] == ranks[1]["test"]["unimodal_probe_accuracy"]
+    assert ranks[0]["test"]["num_samples"] == 128  # the gathered split, not one rank's shard
