@@ -6,7 +6,9 @@ the built-in synthetic baseline) with the method's built-in defaults. `--data` a
 apply to every run. Every modality is also trained alone (from the baseline recipe) as the reference
 for how far joint training leaves each modality behind. With `--jobs N` the runs go to N worker
 processes side by side (each trains its share of the runs in turn, OMP_NUM_THREADS or cores / N threads
-each); with 1 they run in this process (which may itself be one of an `accelerate launch` group).
+each); with 1 they run in this process (which may itself be one of an `accelerate launch` group). From a
+Python script, call `run_compare(..., jobs=N)` under `if __name__ == "__main__":`: the spawned workers
+re-import the main module.
 
 The table reports, on the test split of the checkpoint chosen on validation: fused accuracy, macro-F1,
 both unimodal metrics (`unimodal_accuracy`, the fused predictor's own unimodal path, and
