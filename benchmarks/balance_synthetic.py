@@ -170,8 +170,8 @@ def write_tables(preset, modalities, methods, seeds, runs, args):
                   ", ".join(str(e) for e in row["best_epoch"]), active,
                   fmt_ratio(row["time_ratio"]), fmt(row["rss_ratio"], 1, 2)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("| each modality trained alone | - | - | " + " | ".join(fmt(alone[m]) for m in modalities)
-                 + " | - " * len(modalities) + "| - | - | - | - | - | - |")
+    cells = ["each modality trained alone", "-", "-"] + [fmt(alone[m]) for m in modalities]
+    lines.append("| " + " | ".join(cells + ["-"] * (len(head) - len(cells))) + " |")
     table = "\n".join(lines) + "\n"
     timing = ("Train time × comes from `benchmarks/train_cost.py` (all methods trained in interleaved epochs in "
               "one process, robust to load on a shared machine)" if cost else
