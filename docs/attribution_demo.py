@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from mmbalance_llm.data.diagnostic import write_diagnostic
     from mmbalance_llm.eval.reliance_cli import reliance_main
     from mmbalance_llm.models.tiny import build_tiny
-    from mmbalance_llm.train.sft import main as sft_main
+    from mmbalance_llm.cli import main as cli_main
 
     work, assets = Path(a.work), Path(a.assets)
     assets.mkdir(parents=True, exist_ok=True)
@@ -52,12 +52,9 @@ def main(argv=None) -> int:
     for name, extra in runs.items():
         out = work / f"sft_{name}"
         if not (out / "final_metrics.json").is_file():
-            assert sft_main(str(ROOT / "recipes/llava/moka_sft_tiny.yaml"), common + extra + [f"output_dir={out}"]) == 0
+            assert cli_main(["train", str(ROOT / "recipes/llava/moka_sft_tiny.yaml"), *common, *extra,
+                             f"output_dir={out}"]) == 0
         best = out / "best"
-        if name == "full":  # a full save has no processor: take the twin's
-            for f in base.iterdir():
-                if f.name.startswith(("tokenizer", "processor", "chat_template", "preprocessor", "special_tokens")):
-                    shutil.copy(f, best / f.name)
         models[name] = best
     diag = write_diagnostic(work / "diagnostic", n=240, seed=1)
     tables = []

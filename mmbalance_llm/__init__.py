@@ -16,6 +16,8 @@ _LAZY = {
     "Recipe": "mmbalance_llm.config",
     "get_method": "mmbalance_llm.balance",
     "available_methods": "mmbalance_llm.balance",
+    "Trainer": "mmbalance_llm.train.trainer",
+    "train": "mmbalance_llm.train.trainer",
 }
 
 # MokA (issue 6): public names, and registration with peft on the first `import peft` (no eager torch import).

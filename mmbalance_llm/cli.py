@@ -1,13 +1,13 @@
 """The `mmbalance` command (also `python -m mmbalance_llm`).
 
-    mmbalance train RECIPE [dotted.key=value ...]
+    mmbalance train RECIPE [dotted.key=value ...]   (RECIPE --help: the keys of its task)
     mmbalance compare [--recipes DIR | --recipe R] [--methods a,b] [--seeds 0,1,2] [--jobs N] [--data PATH] [key=value ...]
     mmbalance eval MODEL_DIR --data PATH [--split test]
     mmbalance make-data synthetic OUT_DIR [--preset P] [--modality name:dim=32,snr=2,encoding=linear ...]
     mmbalance make-data mm-instruct OUT_DIR [--modalities image,audio] [--format sharegpt|llava]
     mmbalance make-data tiny-model {llava,qwen2_vl,qwen2_5_vl,qwen2_audio,all} OUT_DIR
     mmbalance make-data diagnostic OUT_DIR         (reliance benchmark with ground truth, all formats)
-    mmbalance make-data from-arrays OUT_DIR --input FILE.npz|csv|parquet [--views a:0-9,b:10-20] [--label y]
+    mmbalance make-data from-arrays OUT_DIR --input FILE.npz|csv|parquet [--view NAME=SPEC ...] [--label y]
     mmbalance attribute --model PATH --data PATH  (token-level modality attribution: JSON + HTML + PNG)
     mmbalance reliance --model PATH --benchmark FILE
     mmbalance methods
@@ -40,29 +40,31 @@ def _delegate(argv: list):
     return None, None
 
 
-def _env_defaults() -> None:
-    # The hub is never needed; without these, datasets/transformers spend ~25 s on connection timeouts.
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE"):
-        os.environ.setdefault(key, "1")
-
-
 def cmd_train(args) -> int:
-    from mmbalance_llm.config import read_yaml
+    from mmbalance_llm.config import TASKS, describe_task, load_recipe, read_yaml
 
-    raw = read_yaml(args.recipe)
-    if raw.get("task", "classify") == "sft":  # multimodal-LLM fine-tuning has its own loop
-        from mmbalance_llm.train.sft import main as sft_main
-
-        return sft_main(args.recipe, args.overrides)
-    from mmbalance_llm.config import load_recipe
+    if args.help:
+        task = "classify"
+        if args.recipe:
+            task = read_yaml(args.recipe).get("task", "classify")
+        print(args.parser.format_help())
+        for t in ([task] if task in TASKS else TASKS):
+            print(describe_task(t) + "\n")
+        return 0
+    if not args.recipe:
+        args.parser.error("the following arguments are required: recipe")
     from mmbalance_llm.train.trainer import Trainer
 
-    recipe = load_recipe(raw, args.overrides)
+    recipe = load_recipe(read_yaml(args.recipe), args.overrides)
     final = Trainer(recipe).fit()
     if final is not None and int(os.environ.get("RANK", "0")) == 0:
         test = final.get("test") or final.get("validation") or {}
-        print(json.dumps({k: test.get(k) for k in ("accuracy", "macro_f1", "unimodal_accuracy", "imbalance")},
-                         indent=2))
+        keys = ("accuracy", "macro_f1", "unimodal_accuracy", "imbalance") if recipe.task == "classify" else \
+            ("accuracy", "loss") + tuple(k for k in test if k.startswith("accuracy_"))
+        shown = {k: test.get(k) for k in keys}
+        if "test_before_training" in final:
+            shown["accuracy_before_training"] = final["test_before_training"].get("accuracy")
+        print(json.dumps(shown, indent=2))
         print(f"[mmbalance] wrote {recipe.output_dir}/final_metrics.json")
     return 0
 
@@ -130,10 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmbalance", description="Balanced multimodal fine-tuning toolkit.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train from a YAML recipe")
-    t.add_argument("recipe")
-    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=3e-4")
-    t.set_defaults(func=cmd_train)
+    t = sub.add_parser("train", help="train from a YAML recipe (task classify or sft)", add_help=False,
+                       description="Train from a YAML recipe. `mmbalance train RECIPE --help` lists every key of "
+                                   "that recipe's task with its help and default.")
+    t.add_argument("recipe", nargs="?")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.learning_rate=3e-4")
+    t.add_argument("-h", "--help", action="store_true", help="show this help and the recipe keys, then exit")
+    t.set_defaults(func=cmd_train, parser=t)
 
     c = sub.add_parser("compare", help="train several methods on the same data and tabulate")
     c.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied to every run")
@@ -181,7 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    _env_defaults()
     argv = list(sys.argv[1:] if argv is None else argv)
     from mmbalance_llm.config import RecipeError
     from mmbalance_llm.data.features import DataError
@@ -192,13 +196,11 @@ def main(argv=None) -> int:
         func, rest = args.func, args
     try:
         return func(rest)
-    except (RecipeError, DataError, FileNotFoundError, RuntimeError) as exc:
-        print(f"mmbalance: error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # bad hyperparameters / model settings: one line, no traceback
+    except (RecipeError, DataError, FileNotFoundError, RuntimeError, ValueError) as exc:
+        # a user's bad input: one line, no traceback (MMBALANCE_DEBUG=1 shows it)
         if os.environ.get("MMBALANCE_DEBUG"):
             raise
-        print(f"mmbalance: error: {exc}", file=sys.stderr)
+        print(f"mmbalance: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

@@ -30,6 +30,8 @@ EXERCISE = {
     "ogm": {"modulation_starts": 0},
     "relearning": {"reinit_epoch": 1},
     "gblending": {"super_epoch": 1},
+    "opm": {"modulation_starts": 0},    # past the official 6-epoch warm-up
+    "greedy": {"starting_epoch": 0},    # past the official 2-epoch warm-up
 }
 
 
@@ -42,12 +44,20 @@ def main() -> None:
             raw = tiny_recipe(data, os.path.join(out, method), method, train={"epochs": 2})
             raw["balance"].update(EXERCISE.get(method, {}))
             trainer = Trainer(recipe_from_dict(raw))
-            final = trainer.fit()
             acc = trainer.accelerator
-            model = acc.unwrap_model(trainer.model)
-            flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
-            # Compare the full trained replicas, not only the reloaded best checkpoint.
-            gathered = acc.gather(flat.unsqueeze(0))
+            captured = {}
+            finish = trainer.finish
+
+            def capture_then_finish():
+                # The trained replicas, before `finish` reloads best/ (the same file on every rank, which would
+                # hide any divergence).
+                model = acc.unwrap_model(trainer.model)
+                captured["flat"] = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+                return finish()
+
+            trainer.finish = capture_then_finish
+            final = trainer.fit()
+            gathered = acc.gather(captured["flat"].unsqueeze(0))
             report[method] = {
                 "max_param_diff": float((gathered - gathered[0]).abs().max()),
                 "world_size": acc.num_processes,

@@ -37,7 +37,7 @@ def test_overrides_parse_yaml_values_and_create_sections():
     assert parse_override("data.modalities=[audio, visual]") == (["data", "modalities"], ["audio", "visual"])
     raw = apply_overrides({"train": {"epochs": 1}}, ["train.epochs=5", "balance.method=ogm_ge", "balance.alpha=0.1"])
     recipe = recipe_from_dict(raw)
-    assert recipe.train.epochs == 5 and recipe.balance == {"method": "ogm_ge", "alpha": 0.1}
+    assert recipe.train.num_train_epochs == 5 and recipe.balance == {"method": "ogm_ge", "alpha": 0.1}
     with pytest.raises(RecipeError, match="not of the form"):
         parse_override("train.lr")
     with pytest.raises(RecipeError, match="'epochs' is not a section"):

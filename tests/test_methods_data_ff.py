@@ -143,7 +143,10 @@ def test_opm_drops_only_the_dominant_modality():
         out = model(**x)
     labels = out.unimodal_logits["audio"].argmax(-1)  # audio is right on every sample: dominant
     bal = get_method("opm", q_base=0.5, p_exe=1.0)
-    bal.ctx = fake_ctx()
+    bal.ctx = fake_ctx(epoch=5)  # the official warm-up: epochs 0-5 drop nothing
+    bal.forward(model, {**x, "labels": labels})
+    assert bal.last_drop_rates is None and bal._kept is None
+    bal.ctx = fake_ctx(epoch=6)
     for step in range(8):
         bal.ctx.global_step = step
         res = bal.forward(model, {**x, "labels": labels})
@@ -230,18 +233,22 @@ def test_mmtm_curation_cuts_per_sample_cross_modal_input_at_any_batch_size():
 def test_greedy_opens_a_rebalancing_window_for_the_caring_modality():
     bal = get_method("greedy", alpha=0.001, window_size=3)
     model = small_model(arch="mmtm")
-    bal.ctx = fake_ctx()
+    bal.ctx = fake_ctx(epoch=1)
     bal._reset()
     for _, p in model.named_parameters():
         p.grad = torch.full_like(p, 0.01)
     for _, p in model.bypass_parameters("visual"):
         p.grad = p.detach() * 10  # visual learns far faster through the cross-modal path
+    bal.after_backward(model, 0)  # epoch 1: inside the official 2-epoch warm-up, speeds accumulate only
+    assert bal.curating is None and bal.main["visual"] > 0
+    bal.ctx = fake_ctx(epoch=2)
     bal.after_backward(model, 0)
     assert bal.curating == "visual" and bal.window_left == 3
     assert bal.last_bdr["visual"] > bal.last_bdr["audio"]
+    speeds = dict(bal.main)
     for _ in range(3):
-        bal.after_backward(model, 0)
-    assert bal.curating is None and bal.main == {"audio": 0.0, "visual": 0.0}
+        bal.after_backward(model, 0)  # re-balancing steps are not measured
+    assert bal.curating is None and bal.main == speeds  # the speeds accumulate over training (official)
 
 
 # -- invariance and end to end ----------------------------------------------------------------------
@@ -273,17 +280,17 @@ def test_resume_inside_a_resampled_epoch_matches_the_uninterrupted_run(tiny_data
         return Trainer(recipe_from_dict(raw)).fit()
 
     full = run("full")
-    assert run("cut", max_steps=12) is None  # stops inside epoch 2, which is longer than 8 steps
+    assert run("cut", stop_after_steps=12) is None  # stops inside epoch 2, which is longer than 8 steps
     assert run("cut", resume_from="latest") == full
 
 
 E2E = {  # valuation from epoch 0 (so a 1-epoch run re-samples); 1-copy thresholds keep the run short
     "sample_valuation": {"warmup_epochs": 0, "high": 0.45, "low1": -0.2, "low2": -0.6},
     "modality_valuation": {"warmup_epochs": 0, "part_ratio": 0.5},
-    "opm": {},
+    "opm": {"modulation_starts": 0},  # past the 6-epoch warm-up in a 1-epoch run
     "mla": {},
     "amco": {},
-    "greedy": {},
+    "greedy": {"starting_epoch": 0},  # no 2-epoch warm-up, so a 1-epoch run can re-balance
 }
 TRAIN_LOG_KEY = {"opm": "opm_q_", "amco": "amco_mask_ratio", "greedy": "greedy_rebalancing", "mla": "loss_"}
 

@@ -59,9 +59,11 @@ def tiny_dataset(modalities, n=48, dim=6, num_classes=4, seed=0):
     return FeatureDataset({m: torch.randn(n, dim, generator=gen) for m in modalities}, labels)
 
 
-def make_ctx(modalities, num_classes=4, loaders=None, epoch=0):
+def make_ctx(modalities, num_classes=4, loaders=None, epoch=0, recipe=None):
+    loaders = loaders or {}
+    train_dataset = loaders["train_eval"].dataset if "train_eval" in loaders else None
     return TrainContext(accelerator=_OneProcess(), modalities=list(modalities), num_classes=num_classes,
-                        recipe=None, loaders=loaders or {}, epoch=epoch)
+                        recipe=recipe, loaders=loaders, epoch=epoch, train_dataset=train_dataset, eval_batch_size=32)
 
 
 def loader(ds, batch_size=16):
@@ -103,11 +105,12 @@ def _check_inforeg(trainer):
 
 
 def _check_reconboost(trainer):
-    assert trainer.state["global_step"] == 2 * 2 * trainer.steps_per_epoch  # 2 passes per epoch
+    t = trainer.balancer.config.t_epochs
+    assert trainer.state["global_step"] == 2 * 2 * t * trainer.steps_per_epoch  # 2 t passes per epoch
 
 
 def _check_relearning(trainer):
-    assert trainer.balancer.resets_done == 2
+    assert trainer.balancer.resets_done == 1  # after 0-based epoch 1 only (the official `epoch > 0` rule)
     assert all(0 <= d["alpha"] < 1 for h in trainer.balancer.history for m, d in h.items() if m != "epoch")
 
 
@@ -116,7 +119,7 @@ TABLE = [
     ("agm", {}, _check_agm),
     ("pmr", {}, _check_pmr),
     ("inforeg", {}, _check_inforeg),
-    ("reconboost", {}, _check_reconboost),
+    ("reconboost", {"t_epochs": 1}, _check_reconboost),  # 1 + 1 passes per round keeps the run short
     ("relearning", {"reinit_epoch": 1}, _check_relearning),
 ]
 
@@ -155,7 +158,7 @@ def test_zero_strength_is_baseline(tiny_data, run_tiny, method, balance):
 
 
 def test_inforeg_zero_beta_is_unimodal_aux(tiny_data, run_tiny):
-    run = run_tiny(tiny_data("av_imbalance"), "inforeg", balance={"beta": 0.0}, train=FAST)
+    run = run_tiny(tiny_data("av_imbalance"), "inforeg", balance={"beta": 0.0, "beta_other": 0.0}, train=FAST)
     assert_identical(run, _reference(tiny_data, run_tiny, "unimodal_aux", {"weight": 1.0}))
 
 
@@ -204,7 +207,8 @@ def test_pmr_prototypes_are_class_means_with_ema():
     mods = ["a", "v"]
     model, ds = tiny_model(mods), tiny_dataset(mods)
     b = get_method("pmr", proto_ratio=1.0, momentum=0.5)
-    b.setup(make_ctx(mods, loaders={"train_eval": loader(ds)}), model)
+    recipe = SimpleNamespace(train=SimpleNamespace(per_device_train_batch_size=16, per_device_eval_batch_size=32))
+    b.setup(make_ctx(mods, loaders={"train_eval": loader(ds), "train": loader(ds)}, recipe=recipe), model)
     b.on_epoch_start(model, 0)
     with torch.no_grad():
         feats = model.encode(**{m: ds.tensors[m] for m in mods})
@@ -216,8 +220,11 @@ def test_pmr_prototypes_are_class_means_with_ema():
         for p in model.encoders["a"].parameters():
             p.mul_(1.5)
         new_a = model.encode(**{m: ds.tensors[m] for m in mods})["a"]
-    b.on_epoch_start(model, 1)
     means = torch.stack([new_a[ds.labels == k].mean(0) for k in range(4)])
+    b.on_epoch_start(model, 1)  # the official applies no moving average to the prototypes of epochs 0 and 1
+    torch.testing.assert_close(b.prototypes["a"], means)
+    b.prototypes = old
+    b.on_epoch_start(model, 2)
     torch.testing.assert_close(b.prototypes["a"], 0.5 * means + 0.5 * old["a"])
     # the prototype term goes to the modality with the lower prototype score only
     batch = collate([ds[i] for i in range(16)])
@@ -232,13 +239,14 @@ def test_pmr_prototypes_are_class_means_with_ema():
 def test_inforeg_window_and_proximal_gradient():
     from mmbalance_llm.balance.inforeg import window_slope
 
-    assert window_slope([1.0], 10) == math.inf  # no history yet: the window is open
-    assert window_slope([1.0, 2.0], 10) == pytest.approx(0.5)
+    assert window_slope([], 10) == 1.0  # epoch 0: the window is open
+    assert window_slope([1.0], 10) == 1.0  # zero-padded history: (1/10 - 0) / (1/10)
+    assert window_slope([1.0, 2.0], 10) == pytest.approx(2 / 3)  # (3/10 - 1/10) / (3/10), open for ~10 epochs
     assert window_slope([4.0, 3.0, 2.0], 2) == pytest.approx((2.5 - 3.5) / 2.5)  # information falling: closed
 
     mods = ["a", "v"]
     model, ds = tiny_model(mods), tiny_dataset(mods, n=16)
-    b = get_method("inforeg", beta=0.5)
+    b = get_method("inforeg", beta=0.5, beta_other=0.5)
     b.setup(make_ctx(mods), model)
     b.on_epoch_start(model, 0)
     anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -258,8 +266,8 @@ def test_inforeg_window_and_proximal_gradient():
     for n, p in model.named_parameters():
         expected = raw[n] + beta * (p.detach() - anchor[n]) if n.startswith(f"encoders.{lead}.") else raw[n]
         torch.testing.assert_close(p.grad, expected)
-    b.on_epoch_end(model, 0)
-    trace = sum(raw[n].square().mean() for n, _ in model.modality_parameters(lead)).item()
+    b.on_epoch_end(model, 0)  # Fisher sum of the weight tensors' gradients *after* the proximal term
+    trace = sum(p.grad.square().mean() for _, p in model.modality_parameters(lead) if p.dim() >= 2).item()
     assert b.traces[lead][-1] == pytest.approx(trace, rel=1e-5)
 
 
@@ -319,7 +327,9 @@ def test_relearning_resets_toward_init_by_the_diagnosed_strength():
             p.add_(torch.randn(p.shape, generator=gen))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     diagnosis = b.diagnose(model)
-    b.on_epoch_end(model, 0)
+    b.on_epoch_end(model, 0)  # the official never resets after epoch 0
+    assert b.resets_done == 0 and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    b.on_epoch_end(model, 1)
     for m in mods:
         d = diagnosis[m]
         assert d["alpha"] == pytest.approx(math.tanh(3.0 * abs(d["purity_train"] - d["purity_val"])))
@@ -334,10 +344,10 @@ def test_relearning_resets_toward_init_by_the_diagnosed_strength():
 
 # -- resume: the balancer state (prototypes, anchors, Fisher sums, theta_init, pass offsets) round-trips ---
 @pytest.mark.parametrize("method,balance,stop_at", [
-    ("pmr", {}, 11),                          # mid-epoch 1: EMA prototypes come from the checkpoint
+    ("pmr", {}, 11),                          # mid-epoch 1: prototypes come from the checkpoint
     ("inforeg", {}, 11),                      # mid-epoch 1: anchor, Fisher sums and traces
-    ("relearning", {"reinit_epoch": 1}, 11),  # after the first reset: theta_init and the reset count
-    ("reconboost", {}, 20),                   # epoch 1, first pass, batch 4 of 8
+    ("relearning", {"reinit_epoch": 1}, 19),  # epoch 2, after the first reset: theta_init and the reset count
+    ("reconboost", {"t_epochs": 1}, 20),      # epoch 1, first pass, batch 4 of 8
 ], ids=["pmr", "inforeg", "relearning", "reconboost"])
 def test_resume_reaches_the_same_result(tiny_data, tmp_path, method, balance, stop_at):
     import json
@@ -346,13 +356,13 @@ def test_resume_reaches_the_same_result(tiny_data, tmp_path, method, balance, st
     from mmbalance_llm.train.trainer import Trainer
     from conftest import tiny_recipe
 
-    train = {**FAST, "epochs": 2}
+    train = {**FAST, "epochs": 3 if method == "relearning" else 2}
     full_raw = tiny_recipe(tiny_data(), str(tmp_path / "full"), method, train=train, balance={"method": method, **balance})
     full = Trainer(recipe_from_dict(full_raw)).fit()
-    raw = tiny_recipe(tiny_data(), str(tmp_path / "part"), method, train={**train, "max_steps": stop_at},
+    raw = tiny_recipe(tiny_data(), str(tmp_path / "part"), method, train={**train, "stop_after_steps": stop_at},
                       balance={"method": method, **balance})
     assert Trainer(recipe_from_dict(raw)).fit() is None
-    raw["train"].update(max_steps=None, resume_from="latest")
+    raw["train"].update(stop_after_steps=None, resume_from="latest")
     assert json.dumps(Trainer(recipe_from_dict(raw)).fit()) == json.dumps(full)
 
 

@@ -129,7 +129,7 @@ def _layer_and_input(pm, batch):
     """A MokA q_proj in layer 0 and the hidden states it received in a forward."""
     layer = next(m for n, m in pm.named_modules() if isinstance(m, MokaLinear) and n.endswith("layers.0.self_attn.q_proj"))
     seen = {}
-    h = layer.register_forward_hook(lambda mod, args, out: seen.setdefault("x", args[0].detach()))
+    h = layer.register_forward_hook(lambda mod, args, out: seen.update(x=args[0].detach()))  # None: output kept
     with torch.no_grad():
         pm(**batch)
     h.remove()

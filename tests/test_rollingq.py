@@ -242,9 +242,9 @@ def test_resume_after_the_rotation_matches_an_uninterrupted_run(tiny_data, tmp_p
     path = tiny_data("tokens_capture")
     train = {"epochs": 2, "shapley": False, "save_total_limit": None}
     full = Trainer(recipe_from_dict(tiny_recipe(path, str(tmp_path / "full"), "rollingq", model=FT, train=train))).fit()
-    raw = tiny_recipe(path, str(tmp_path / "part"), "rollingq", model=FT, train={**train, "max_steps": 12})
+    raw = tiny_recipe(path, str(tmp_path / "part"), "rollingq", model=FT, train={**train, "stop_after_steps": 12})
     assert Trainer(recipe_from_dict(raw)).fit() is None  # stopped in epoch 2, after the rotation
-    raw["train"].update(max_steps=None, resume_from="latest")
+    raw["train"].update(stop_after_steps=None, resume_from="latest")
     trainer = Trainer(recipe_from_dict(raw))
     resumed = trainer.fit()
     assert trainer.accelerator.unwrap_model(trainer.model).config.rotation_count == 1

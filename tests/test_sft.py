@@ -1,4 +1,4 @@
-"""The MLLM fine-tuning loop on tiny twins: a table of (family, adapter) cases, recipe errors, freezing."""
+"""SFT through the one training loop on tiny twins: a table of (family, adapter) cases, recipe errors, freezing."""
 import json
 import os
 
@@ -9,7 +9,17 @@ torch = pytest.importorskip("torch")
 yaml = pytest.importorskip("yaml")
 
 import mmbalance_llm  # noqa: E402,F401
-from mmbalance_llm.train.sft import RecipeError, load_sft_recipe, main, run  # noqa: E402
+from mmbalance_llm.cli import main as cli_main  # noqa: E402
+from mmbalance_llm.config import RecipeError, load_recipe  # noqa: E402
+from mmbalance_llm.train.trainer import Trainer  # noqa: E402
+
+
+def load_sft_recipe(raw, overrides=None):
+    return load_recipe(raw, overrides)
+
+
+def run(recipe):
+    return Trainer(recipe).fit()
 
 CASES = [  # (family, adapter, media modality, answer accuracy by)
     ("llava", "moka", "image", "options"),
@@ -26,10 +36,11 @@ def recipe(tmp, fam, adapter, mod, **over):
         "adapter_config": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, **({"init_lora_weights": True})},
         "model": {"name_or_path": str(tmp.parent / f"tiny_{fam}"), "build_tiny": fam},
         "data": {"train": str(data / "train.json"), "validation": str(data / "validation.json"),
-                 "test": str(data / "test.json"), "max_length": 96, "media_cache": 64,
+                 "test": str(data / "test.json"), "max_length": 96, "cache_dir": str(tmp.parent / "cache"),
                  "generate": {"modalities": [mod], "n_train": 16, "n_validation": 6, "n_test": 6, "seed": 0}},
-        "train": {"epochs": 1, "max_steps": 3, "batch_size": 8, "lr": 5e-3, "log_every": 1},
-        "eval": {"accuracy": "options", "batch_size": 32},
+        "train": {"num_train_epochs": 1, "max_steps": 3, "per_device_train_batch_size": 8, "learning_rate": 5e-3,
+                  "logging_steps": 1, "progress": False},
+        "eval": {"accuracy": "options"},
     }
     for k, v in over.items():
         r[k] = {**r[k], **v} if isinstance(v, dict) else v
@@ -84,17 +95,28 @@ def test_recipe_errors_are_clear(tmp_path):
         load_sft_recipe(base, ["train.lrr=1e-3"])
     with pytest.raises(RecipeError, match=r"unknown recipe key 'modle' \(did you mean 'model'\?\)"):
         load_sft_recipe({**base, "modle": {}})
-    with pytest.raises(RecipeError, match="adapter must be one of moka, lora, none"):
+    with pytest.raises(RecipeError, match="recipe key 'adapter' is 'dora'; choose one of moka, lora, none"):
         load_sft_recipe(base, ["adapter=dora"])
     with pytest.raises(RecipeError, match="not of the form dotted.key=value"):
         load_sft_recipe(base, ["train.lr"])
-    cfg = load_sft_recipe(base, ["train.lr=0.5", "eval.accuracy=generate"])
-    assert cfg["train"]["lr"] == 0.5 and cfg["eval"]["accuracy"] == "generate"
+    with pytest.raises(RecipeError, match="recipe key 'train.num_train_epochs' must be an integer, got 'abc'"):
+        load_sft_recipe(base, ["train.num_train_epochs=abc", "train.max_steps=1"])
+    with pytest.raises(RecipeError, match="recipe key 'train.eval_batch_size' must be an integer"):  # alias named
+        load_sft_recipe(base, ["train.eval_batch_size=abc"])
+    with pytest.raises(RecipeError, match="'num_train_epochs'"):  # the HF spelling is the key here
+        load_sft_recipe(base, ["train.num_train_epoch=2"])
+    with pytest.raises(RecipeError, match="balance.method 'ogm_ge' supports task classify"):
+        load_sft_recipe(base, ["balance.method=ogm_ge"])
+    with pytest.raises(RecipeError, match="name the same setting"):
+        load_sft_recipe(base, ["train.lr=0.1", "train.learning_rate=0.2"])
+    cfg = load_sft_recipe(base, ["train.lr=0.5", "eval.accuracy=generate", "train.grad_accum=2", "eval.batch_size=4"])
+    assert cfg.train.learning_rate == 0.5 and cfg.eval.accuracy == "generate"
+    assert cfg.train.gradient_accumulation_steps == 2 and cfg.train.per_device_eval_batch_size == 4
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump({**base, "adapter_config": {"lora_alph": 4}}))
     with pytest.raises(RecipeError, match=r"adapter_config.lora_alph' for MokaConfig \(did you mean 'lora_alpha'\?\)"):
         load_sft_recipe(p)
-    assert main(str(tmp_path / "missing.yaml"), []) == 2
+    assert cli_main(["train", str(tmp_path / "missing.yaml")]) == 2
 
 
 def test_shipped_recipes_load(tmp_path):
@@ -102,8 +124,8 @@ def test_shipped_recipes_load(tmp_path):
     names = [os.path.join(d, f) for d in ("llava", "qwen2_vl", "qwen2_audio") for f in ("moka_sft.yaml", "moka_sft_tiny.yaml")]
     for n in names:
         cfg = load_sft_recipe(os.path.join(root, n), ["adapter=lora"])
-        assert cfg["adapter"] == "lora" and cfg["task"] == "sft"
-        assert "cross_attention_weight" not in cfg["adapter_config"]  # MokA-only keys dropped for LoRA
+        assert cfg.adapter == "lora" and cfg.task == "sft"
+        assert "cross_attention_weight" not in cfg.adapter_config  # MokA-only keys dropped for LoRA
 
 
 def test_media_cut_by_truncation_fails_before_training_naming_the_sample(tmp_path):
@@ -113,6 +135,7 @@ def test_media_cut_by_truncation_fails_before_training_naming_the_sample(tmp_pat
     with pytest.raises(ChatDataError, match=r"train\.json: sample 0 \(id=train_00000\): truncation to max_length=8 "
                                             r"would cut media tokens"):
         run(cfg)
+    assert not (tmp_path / "out").exists()  # raised before anything was written
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 

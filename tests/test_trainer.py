@@ -42,19 +42,19 @@ def test_run_writes_every_output_and_best_loads(tiny_data, run_tiny):
 
 
 def test_test_split_is_read_once_at_the_end(tiny_data, monkeypatch, tmp_path):
-    import mmbalance_llm.train.trainer as trainer_mod
+    from mmbalance_llm.train.tasks.classify import ClassifyTask
 
     seen = []
-    real = trainer_mod.evaluate
+    real = ClassifyTask.evaluate
 
-    def spy(model, loader, *args, **kwargs):
-        seen.append(loader)
-        return real(model, loader, *args, **kwargs)
+    def spy(self, model, split):
+        seen.append(split)
+        return real(self, model, split)
 
-    monkeypatch.setattr(trainer_mod, "evaluate", spy)
+    monkeypatch.setattr(ClassifyTask, "evaluate", spy)
     trainer = Trainer(recipe_from_dict(tiny_recipe(tiny_data(), str(tmp_path / "run"), train={"epochs": 3})))
     trainer.fit()
-    assert [loader is trainer.test_loader for loader in seen] == [False, False, False, True]
+    assert seen == ["validation", "validation", "validation", "test"]
 
 
 @pytest.mark.parametrize("method, params", [("unimodal_aux", {"weight": 0.0}),
@@ -87,10 +87,10 @@ def test_resume_continues_to_the_same_final_metrics(tiny_data, tmp_path, resume_
     train = {"epochs": 3, "save_steps": 5, "save_total_limit": None}
     full_dir, part_dir = str(tmp_path / "full"), str(tmp_path / "part")
     full = Trainer(recipe_from_dict(tiny_recipe(tiny_data(), full_dir, "ogm_ge", train=train))).fit()
-    raw = tiny_recipe(tiny_data(), part_dir, "ogm_ge", train={**train, "max_steps": 13})
+    raw = tiny_recipe(tiny_data(), part_dir, "ogm_ge", train={**train, "stop_after_steps": 13})
     assert Trainer(recipe_from_dict(raw)).fit() is None  # interrupted mid-epoch 2: no test read, no report
     assert not os.path.exists(os.path.join(part_dir, "final_metrics.json"))
-    raw["train"].update(max_steps=None, resume_from=resume_at if resume_at == "latest"
+    raw["train"].update(stop_after_steps=None, resume_from=resume_at if resume_at == "latest"
                         else os.path.join(part_dir, resume_at))
     resumed = Trainer(recipe_from_dict(raw)).fit()
     assert json.dumps(resumed) == json.dumps(full)

@@ -3,7 +3,7 @@ values and the re-sampling loader that adds single-modality copies of training s
 
 Utility of a coalition S for sample i: v_i(S) = 1[the fused prediction with only the inputs of S kept
 (the others zeroed) is correct], v_i(empty) measured with every input zeroed (as the evaluator's Shapley
-metric, METHODS.md section 2), so a modality that never changes the outcome gets phi = 0 and
+metric), so a modality that never changes the outcome gets phi = 0 and
 sum_m phi_m = v_i(full) - v_i(empty). The original code assumes v(empty) = 0, which credits a signal-free
 modality whenever the blank-input prediction happens to be right, and scores v(full) = 2 when correct
 (M = 2), which adds v(full) / M to every modality's value; its re-sampling thresholds are on that scale,
@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from mmbalance_llm.data.features import collate
@@ -38,7 +39,20 @@ class ResamplingState:
     def train_loader(self, epoch):
         if not self.copies:
             return None
-        return resample_loader(self.ctx, self.ctx.trainer.data.train, self.copies, epoch)
+        return resample_loader(self.ctx, self.ctx.train_dataset, self.copies, epoch)
+
+    def loss(self, model, batch, outputs):
+        """Fused CE as the mean over the *global* batch: re-sampled global batches of odd size split into
+        unequal per-rank pieces, where DDP's average of per-rank means would weigh samples unevenly. Each
+        rank's summed CE is scaled by W / n_global, so DDP's average is the global mean (one process: the
+        plain mean, untouched)."""
+        ctx = self.ctx
+        if ctx is None or ctx.accelerator.num_processes == 1:
+            return super().loss(model, batch, outputs)
+        labels = batch["labels"]
+        total = F.cross_entropy(outputs.logits, labels, reduction="sum")
+        count = ctx.reduce_sum(torch.tensor(float(len(labels)), device=outputs.logits.device))
+        return total * ctx.accelerator.num_processes / count.clamp_min(1), {}
 
     def state_dict(self):
         return {"copies": copies_to_tensor(self.copies, self.ctx.modalities if self.ctx else [])}
@@ -100,9 +114,12 @@ class ResampleBatchSampler:
 
     Items are ints (an original sample) or `(i, keep_modalities)` pairs, read by `FeatureDataset`. Each
     epoch the items are shuffled with a generator seeded by (seed, epoch), identical on every rank, and
-    cut into a number of batches that is a multiple of `num_processes`, none larger than `batch_size`.
-    It declares no fixed `batch_size`, so Accelerate's shard hands whole batches round-robin to the
-    ranks and never pads: each item, copies included, lands on exactly one rank once per epoch.
+    cut into G = ceil(items / (batch_size * num_processes)) *global* batches, each then split into
+    `num_processes` consecutive per-rank pieces (so the batch list is a multiple of `num_processes`, none
+    larger than `batch_size`). The global batches depend only on the global batch size, so 1 process at
+    batch B and 2 processes at batch B/2 train on the same samples per step. It declares no fixed
+    `batch_size`, so Accelerate's shard hands whole batches round-robin to the ranks and never pads: each
+    item, copies included, lands on exactly one rank once per epoch.
     """
 
     def __init__(self, num_samples: int, copies: list, batch_size: int, num_processes: int = 1, seed: int = 0):
@@ -113,8 +130,8 @@ class ResampleBatchSampler:
         self.num_processes = num_processes
         self.seed = seed
         self.epoch = 0
-        per_rank = math.ceil(len(self.items) / num_processes)
-        self.num_batches = num_processes * max(1, math.ceil(per_rank / batch_size))
+        self.num_global = max(1, math.ceil(len(self.items) / (batch_size * num_processes)))
+        self.num_batches = num_processes * self.num_global
         if len(self.items) < self.num_batches:
             raise ValueError(f"{len(self.items)} training items cannot fill {self.num_batches} batches")
 
@@ -127,16 +144,17 @@ class ResampleBatchSampler:
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(len(self.items), generator=gen).numpy()
-        for chunk in np.array_split(order, self.num_batches):
-            yield [self.items[j] for j in chunk]
+        for global_batch in np.array_split(order, self.num_global):
+            for chunk in np.array_split(global_batch, self.num_processes):
+                yield [self.items[j] for j in chunk]
 
 
 def resample_loader(ctx, dataset, copies: list, epoch: int):
     """A prepared (sharded, device-placing) training loader over `dataset` plus `copies`."""
     cfg = ctx.recipe.train
-    sampler = ResampleBatchSampler(len(dataset), copies, cfg.batch_size, ctx.accelerator.num_processes, cfg.seed)
+    sampler = ResampleBatchSampler(len(dataset), copies, cfg.per_device_train_batch_size, ctx.accelerator.num_processes, cfg.seed)
     sampler.set_epoch(epoch)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=ctx.recipe.data.num_workers)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=ctx.num_workers)
     return ctx.accelerator.prepare_data_loader(loader)
 
 

@@ -2,6 +2,8 @@
 
 Li, Li, Hu, Yang, Xie, Zhu, Tang, "Boosting Multi-modal Model Performance with Adaptive Gradient
 Modulation", ICCV 2023. Stage: optimization.
+Follows: lihong2303/AGM_ICCV2023@5a65542c70b1c7c15c5df291e77fa9cf2bbb9549:run/CREMAD_main.py (`train`, the CREMA-D
+setting: exponent clip 10; run/URFunny_main.py clips at 7).
 
 Per step:
 1. Shapley unimodal logits. f(S) is the fused logits with the inputs outside S zero-padded. For every m,
@@ -12,7 +14,8 @@ Per step:
 2. s_m = mean_i CE(phi_m,i, y_i) over the batch of every process (reduced), no gradient.
 3. ratio_m = exp(mean_{k != m} s_k - s_m) (for M = 2: exp(s_other - s_m), large when m dominates), and the
    target ratio*_m is the same expression of the running means of s over all previous steps.
-4. c_m = exp(alpha * min(ratio*_m - ratio_m, 7)); encoder m's gradient is multiplied by c_m. The loss is the
+4. c_m = exp(alpha * min(ratio*_m - ratio_m, max_exponent)) (clip 10, as the CREMA-D script); encoder m's
+   gradient is multiplied by c_m. The loss is the
    plain fused cross-entropy. The running means then absorb this step's s.
 
 Efficiency: zero input on modality m only changes h_m into encoder_m(0), a constant. So f(S) for the
@@ -26,8 +29,12 @@ Defaults: alpha = 1.5 (original CREMA-D setting; BalanceBenchmark uses 0.1), mod
 M > 2: supported, over all 2^M subsets (exact Shapley weights); cost grows as 2^M re-fusions, not encoders.
 Differences from the reference code, on purpose: the empty-set term is included; the scaling acts on the
 gradient flowing into h_m (a tensor hook), which scales exactly encoder m's parameters and works under
-DDP/DeepSpeed; the original's "clip grad norm to 5 when a head grad exceeds 5" is left to `train.grad_clip`.
-alpha = 0 reproduces the baseline exactly.
+DDP/DeepSpeed; the original's "clip grad norm to 5 when a head grad exceeds 5" is left to `train.grad_clip`;
+the original floors each true-class probability at 1e-8 inside the score (-log p <= 18.4), here the score is the
+plain cross-entropy.
+BalanceBenchmark (balancemm/trainer/AGM_trainer.py) uses the opposite sign of the ratio,
+exp(M/(M-1) (s_m - mean_k s_k)), so it speeds up the modality the original slows down; this module keeps the
+original sign. alpha = 0 reproduces the baseline exactly.
 """
 from __future__ import annotations
 
@@ -45,10 +52,11 @@ from mmbalance_llm.balance.common import scale_feature_grad
 
 @dataclass
 class AGMConfig(BalancerConfig):
-    alpha: float = hp(1.5, "Modulation strength alpha in c_m = exp(alpha * min(ratio*_m - ratio_m, 7)). 0 disables it.")
+    alpha: float = hp(1.5, "Modulation strength alpha in c_m = exp(alpha * min(ratio*_m - ratio_m, max_exponent)). 0 disables it.")
     empty_set: str = hp("zero", "Value of f(empty set) in the Shapley sum: 'zero' (original code) or 'padded' "
                                 "(the fused output of an all-zero input).")
-    max_exponent: float = hp(7.0, "Upper clip of ratio*_m - ratio_m before the exponential (original code).")
+    max_exponent: float = hp(10.0, "Upper clip of ratio*_m - ratio_m before the exponential (original CREMA-D "
+                                   "script: 10; its URFunny script: 7).")
 
 
 def shapley_weights(num_modalities: int) -> list:
@@ -88,7 +96,7 @@ def shapley_logits(values: dict, modalities: list, empty_value: torch.Tensor) ->
     return phi
 
 
-def agm_coefficients(scores: torch.Tensor, running: torch.Tensor, alpha: float, max_exponent: float = 7.0):
+def agm_coefficients(scores: torch.Tensor, running: torch.Tensor, alpha: float, max_exponent: float = 10.0):
     """c_m = exp(alpha * min(ratio*_m - ratio_m, max_exponent)), ratio_m = exp(mean_{k!=m} s_k - s_m)."""
     def ratio(s):
         m = len(s)

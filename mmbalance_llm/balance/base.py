@@ -1,4 +1,4 @@
-"""The hook interface every balancing method implements (ARCHITECTURE.md, "Balancer interface").
+"""The hook interface every balancing method implements.
 
 The trainer calls, per optimizer step::
 
@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 STAGES = ("none", "data", "feed-forward", "objective", "optimization")
 
@@ -33,18 +32,42 @@ class BalancerConfig:
 
 @dataclass
 class TrainContext:
-    """What a balancer may use besides the model and the batch. `loaders` holds `train` (shuffled),
-    `train_eval` (ordered, no augmentation) and `validation`; test is never exposed to methods."""
+    """Everything a balancer may use besides the model and the batch; it never sees the trainer.
+
+    `loaders` holds `train` (shuffled), `train_eval` (ordered, no augmentation) and `validation`; test is
+    never exposed to methods. The callables are the loop's public services: `log(row)` writes a
+    `metrics.jsonl` / TensorBoard row, `training_step(batch)` is the loop's one optimizer step (for methods
+    that reorganise an epoch), `optimizer_step(batch)` the same step without advancing the schedule, the
+    step counter or the logs (for the extra per-modality steps of MLA), `stop_requested()` says whether the
+    run must stop now (train.stop_after_steps / max_steps)."""
 
     accelerator: Any
     modalities: list
-    num_classes: int
+    num_classes: Optional[int]
     recipe: Any
     loaders: dict
     seed: int = 0
     epoch: int = 0
     global_step: int = 0
-    trainer: Any = None
+    task: str = "classify"
+    train_dataset: Any = None          # the training split (a datasets.Dataset); methods re-sample it
+    steps_per_epoch: int = 1           # optimizer steps per epoch (per process)
+    total_steps: int = 1               # optimizer steps of the whole run
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    resuming: bool = False             # the run continues from a checkpoint
+    log: Callable = lambda row: None
+    training_step: Optional[Callable] = None
+    optimizer_step: Optional[Callable] = None
+    stop_requested: Callable = lambda: False
+    task_forward: Optional[Callable] = None   # the task's plain forward(model, batch) -> outputs
+    task_loss: Optional[Callable] = None      # the task's plain loss(batch, outputs) -> (loss, logs)
+    progress: dict = dataclasses.field(default_factory=dict)  # the loop's counters (read-only for methods)
+
+    @property
+    def batches_done(self) -> int:
+        """Batches of the current epoch already trained (after a resume: the skipped ones too)."""
+        return int(self.progress.get("batches_done", 0))
 
     def unwrap(self, model):
         # Cached: accelerate's unwrap_model re-reads package metadata on every call (~7 ms on CPU),
@@ -62,9 +85,29 @@ class TrainContext:
             return tensor
         return self.accelerator.reduce(tensor.detach().clone(), reduction="sum")
 
+    def rank_generator(self, salt: int = 0) -> torch.Generator:
+        """A CPU generator seeded by (seed, step, salt), identical on every rank: for random choices that all
+        replicas must agree on."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.global_step) * 1_009 + salt)
+
 
 def model_inputs(batch: dict, modalities) -> dict:
     return {m: batch[m] for m in modalities}
+
+
+def classify_forward(ctx: TrainContext, model, batch: dict):
+    """The classifier task's forward: one keyword argument per modality."""
+    inputs = model_inputs(batch, ctx.modalities)
+    # Labels only reach models that turn them into their own `aux_loss` (detached probe heads); other
+    # models would spend a second fused cross-entropy per step that the balancer's loss recomputes.
+    if getattr(ctx.unwrap(model), "aux_loss_from_labels", False):
+        inputs["labels"] = batch["labels"]
+    return model(**inputs)
+
+
+def classify_loss(batch: dict, outputs):
+    """The classifier task's loss: fused cross-entropy."""
+    return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"]), {}
 
 
 class Balancer:
@@ -77,6 +120,7 @@ class Balancer:
     requires_unimodal_logits: bool = False  # needs a fusion head that splits (concat / sum)
     needs_param_grads: bool = False  # edits p.grad after the all-reduce (unsupported under DeepSpeed)
     find_unused_parameters: bool = False  # DDP: some parameters get no gradient on some steps
+    tasks: tuple = ("classify",)  # the tasks (recipe `task`) the method is defined for
     config_class = BalancerConfig
 
     def __init__(self, config: Optional[BalancerConfig] = None):
@@ -107,15 +151,16 @@ class Balancer:
 
     # -- per step -----------------------------------------------------------------------------
     def forward(self, model, batch: dict):
-        inputs = model_inputs(batch, self.ctx.modalities)
-        # Labels only reach models that turn them into their own `aux_loss` (detached probe heads); other
-        # models would spend a second fused cross-entropy per step that the balancer's loss recomputes.
-        if getattr(self.ctx.unwrap(model), "aux_loss_from_labels", False):
-            inputs["labels"] = batch["labels"]
-        return model(**inputs)
+        """The task's plain forward (classify: one keyword per modality; sft: the HF model's batch)."""
+        if self.ctx.task_forward is None:
+            return classify_forward(self.ctx, model, batch)
+        return self.ctx.task_forward(model, batch)
 
     def loss(self, model, batch: dict, outputs) -> tuple[torch.Tensor, dict]:
-        return F.cross_entropy(outputs.logits, batch["labels"]), {}
+        """The task's plain loss (classify: fused cross-entropy; sft: the LM loss on answer tokens)."""
+        if self.ctx.task_loss is None:
+            return classify_loss(batch, outputs)
+        return self.ctx.task_loss(batch, outputs)
 
     def after_backward(self, model, step: int) -> None:
         """Runs after the gradient all-reduce, on steps where gradients sync, before clipping."""
@@ -131,7 +176,13 @@ class Balancer:
         """Data-stage methods return a prepared loader for this epoch; None keeps the default."""
         return None
 
-    train_epoch = None  # methods that reorganise an epoch set a callable (trainer, model, loader, epoch)
+    def epoch_length(self, loader, epoch: int) -> int:
+        """Micro-batches the loop's `training_step` sees in one epoch (methods whose `train_epoch` makes
+        several passes over the loader override it, so a stop part-way is resumed inside the epoch)."""
+        return len(loader)
+
+    train_epoch = None  # methods that reorganise an epoch set a callable (model, loader, epoch) that trains
+    # through ctx.training_step and returns early when ctx.stop_requested()
 
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -148,7 +199,7 @@ class Balancer:
                      "help": f.metadata.get("help", "")}
             for f in dataclasses.fields(cls.config_class)
         }
-        return {"name": cls.name, "stage": cls.stage, "paper": cls.paper,
+        return {"name": cls.name, "stage": cls.stage, "paper": cls.paper, "tasks": list(cls.tasks),
                 "supports_many_modalities": cls.supports_many_modalities, "hyperparameters": fields}
 
 

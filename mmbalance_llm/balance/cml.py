@@ -1,11 +1,13 @@
 """`cml`: Calibrating Multimodal Learning.
 
 Ma et al., "Calibrating Multimodal Learning", ICML 2023. Stage: objective.
+Follows: GeWu-Lab/BalanceBenchmark@4c1482fca5aaa8d4278af8e26020daa039e3ccf3:balancemm/trainer/CML_trainer.py
+(`training_step`); the paper's own repository was not compared.
 
 A model should not be more confident with fewer modalities. Once per epoch the modality order is shuffled
 (one seeded permutation, identical on every rank). Starting from the full logits z, modalities are removed
 one at a time along that order: z' = z - z_m + b/M, i.e. the removed modality's split-head logits are
-subtracted while the full bias b is kept (METHODS.md §1), giving a chain z = z^(0), z^(1), ..., z^(M-1).
+subtracted while the full bias b is kept, giving a chain z = z^(0), z^(1), ..., z^(M-1).
 With conf = max softmax probability:
 
     L = [CE(z) + sum_k CE(z^(k))] / M + lambda * sum_k max(0, sum_i conf^(k)_i - conf^(k-1)_i)
@@ -13,14 +15,19 @@ With conf = max softmax probability:
 (the confidence of each reduced input is compared with that of the input it was obtained from; the
 hinge is on the batch sum, as in the reference implementation).
 
+1 vs 2 processes: the hinge is on the sum over the *global* batch: each rank's batch sum is summed over
+processes before the max(0, .), and the rank's term is scaled by the number of processes so that DDP's
+gradient average gives the gradient of the global hinge. At the same global batch (equal shard sizes) the
+run equals the 1-process run.
+
 Defaults: lambda = 0.1 (reference toolkit), regularisation from epoch 0 on. Outside the modulation window
 the loss is CE(z).
 
 M > 2: supported (M - 1 removals along the shuffled order; BB hard-codes M in {2, 3}).
 
-Deviations from the reference toolkit: none in the loss; the per-epoch shuffle uses a generator seeded
+Differences from the reference toolkit: none in the loss; the per-epoch shuffle uses a generator seeded
 with (seed, epoch), so all ranks and resumed runs remove modalities in the same order (BB uses the global
-`random` state).
+`random` state); BB's hinge is per process (its DataParallel batch is the global batch).
 """
 from __future__ import annotations
 
@@ -50,14 +57,27 @@ def removal_chain(z: torch.Tensor, unimodal: dict, order: list, bias: torch.Tens
     return chain
 
 
-def cml_loss(z, unimodal, order, bias, labels, lam):
+def global_hinge(local_sum: torch.Tensor, ctx=None) -> torch.Tensor:
+    """max(0, S) with S the batch sum over every process; its gradient after DDP's average is that of the
+    1-process hinge on the global batch. Without a context (or with one process) it is plain max(0, s)."""
+    if ctx is None or ctx.accelerator.num_processes == 1:
+        return torch.clamp(local_sum, min=0)
+    world = ctx.accelerator.num_processes
+    total = ctx.reduce_sum(local_sum.detach().reshape(1))[0]
+    if float(total) <= 0:
+        return local_sum * 0
+    scaled = world * local_sum
+    return scaled - scaled.detach() + total
+
+
+def cml_loss(z, unimodal, order, bias, labels, lam, ctx=None):
     chain = removal_chain(z, unimodal, order, bias)
     ce = (F.cross_entropy(z, labels) + sum(F.cross_entropy(c, labels) for c in chain)) / len(unimodal)
     hinge = z.new_zeros(())
     prev = torch.softmax(z, dim=-1).max(dim=-1).values
     for c in chain:
         conf = torch.softmax(c, dim=-1).max(dim=-1).values
-        hinge = hinge + torch.clamp((conf - prev).sum(), min=0)
+        hinge = hinge + global_hinge((conf - prev).sum(), ctx)
         prev = conf
     return ce + lam * hinge, ce, hinge
 
@@ -92,5 +112,6 @@ class CML(Balancer):
         if self.order is None:
             self.on_epoch_start(model, self.ctx.epoch)
         bias = self.ctx.unwrap(model).fusion.classifier.bias
-        total, ce, hinge = cml_loss(outputs.logits, outputs.unimodal_logits, self.order, bias, batch["labels"], c.lam)
+        total, ce, hinge = cml_loss(outputs.logits, outputs.unimodal_logits, self.order, bias, batch["labels"], c.lam,
+                                     self.ctx)
         return total, {"cml_ce": ce.item(), "cml_hinge": hinge.item()}

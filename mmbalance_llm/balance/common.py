@@ -5,7 +5,7 @@ import torch
 
 
 def true_class_scores(unimodal_logits: dict, labels: torch.Tensor) -> torch.Tensor:
-    """s_m = sum_i softmax(z_m)_i[y_i] (METHODS.md §0), stacked in modality order, no gradient."""
+    """s_m = sum_i softmax(z_m)_i[y_i] (the OGM-GE score), stacked in modality order, no gradient."""
     with torch.no_grad():
         return torch.stack([
             torch.softmax(z.float(), dim=-1).gather(1, labels[:, None]).sum() for z in unimodal_logits.values()

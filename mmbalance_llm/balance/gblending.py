@@ -2,6 +2,8 @@
 
 Wang, Tran & Feiszli, "What Makes Training Multi-Modal Classification Networks Hard?", CVPR 2020.
 Stage: objective.
+Follows: the paper (Sec. 3.3, Eq. 5-6 and online G-Blend, Algorithm 1); no official code. Compared with
+GeWu-Lab/BalanceBenchmark@4c1482fca5aaa8d4278af8e26020daa039e3ccf3:balancemm/trainer/GBlending_trainer.py (`super_epoch_origin`).
 
 The loss blends the fused and the unimodal (split-head) cross-entropies,
 
@@ -33,9 +35,15 @@ the same weights.
 
 M > 2: supported (one copy per modality plus the fused copy).
 
-Differences from the reference toolkit: the validation split is used for L^V (BB's validation is the
-test set when a dataset has no validation split); the estimation restarts from the current model at
-every super-epoch as in the paper.
+Differences from BalanceBenchmark, on purpose (its weights differ from these by up to ~0.4 on the same
+model): BB's "start" losses are measured after the copy's *first* training epoch, not before training
+(so with super_epoch = 1 it has no end point and its "end" losses stay 0), its training loss is the
+running sum of the batch losses seen while training (train mode, weights moving), and both losses are
+sums over batches rather than means; here they are means over the whole split, in eval mode, before and
+after the copy's training, as the paper's L^T_n, L^V_n. BB's validation is the test set when a dataset has
+no validation split; here the validation split is used. The estimation restarts from the current model
+at every super-epoch as in the paper. BB's copies reuse the main optimizer's state; here each copy gets a
+fresh AdamW.
 """
 from __future__ import annotations
 
@@ -122,7 +130,7 @@ class GBlending(Balancer):
             net.train()
             lt0, lv0 = self._losses(net, keep)
             params = [p for p in net.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
             loader = self.ctx.loaders["train"]
             for e in range(self.config.super_epoch):
                 if hasattr(loader, "set_epoch"):

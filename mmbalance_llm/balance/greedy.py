@@ -2,25 +2,39 @@
 
 Wu, Jastrzebski, Cho, Geras, "Characterizing and Overcoming the Greedy Nature of Learning in Multi-modal
 Deep Neural Networks", ICML 2022. Stage: feed-forward (own architecture and forward mode).
+Follows: nyukat/greedy_multimodal_learning@a190e03755bd8d0883b2c5c0cd7921d2561ce2ee:src/callbacks.py
+(`Bias_Mitigation_Strong`), src/balanced_mmtm.py, configs/training.gin (the paper's Colored-and-gray-MNIST /
+ModelNet40 "guided" setting: epsilon 0.01, window 5, starting epoch 2).
 
 Architecture: the classifier with MMTM blocks after every encoder layer (models/mmtm.py, built from the
 recipe's `model` section). Each modality m has a main path (its encoder) and a bypass path (its
-excitation layers, through which the other modalities reach it). After every normal step the learning
-speeds M_m^main += sum ||g||^2 / ||theta||^2 over m's encoder tensors and M_m^bypass likewise over its
-excitation tensors are accumulated; BDR_m = log10(M_m^bypass / M_m^main) is how much more m learns through
-the cross-modal path than on its own (the conditional utilisation imbalance). When
-d = max_m BDR_m - min_m BDR_m exceeds alpha, the next `window_size` steps are re-balancing steps for the
-caring modality c = argmax_m BDR_m: its excitation sees the running means of the other modalities'
-squeezes instead of their per-sample values, so its own branch has to carry the prediction. The speeds
-restart after each window. Loss: fused cross-entropy.
+excitation layers plus the joint squeeze layers, through which the other modalities reach it). After
+every measured step the learning speeds accumulate from the start of training (never reset):
+M_m^main += sum ||g||^2 / sum ||theta||^2 (ratio of sums over m's encoder tensors), M_m^bypass likewise
+over its bypass tensors; BDR_m = log10(M_m^bypass / M_m^main) is how much more m learns through the
+cross-modal path than on its own. Steps of epochs before `starting_epoch` are measured but never
+re-balance (the official warm-up). Afterwards, when d = max_m BDR_m - min_m BDR_m exceeds alpha, the next
+`window_size` steps are re-balancing steps (not measured) for the caring modality c = argmax_m BDR_m:
+with `rebalance: gate` (official) c's MMTM gates are replaced by their running means over training, so
+c's branch gets no per-sample cross-modal signal and has to carry the prediction itself
+(`rebalance: squeeze`: c's excitation sees the running means of the other modalities' squeezes instead).
+Loss: fused cross-entropy.
 
-Defaults: alpha = 0.001, window_size = 5 (BB). MMTM squeeze ratio 4, running-mean momentum 0.1.
-M > 2: yes (joint squeeze over all modalities; d over the max/min BDR). For M = 2 it is BB's d = BDR_1 - BDR_2.
+Defaults: alpha = 0.01, window_size = 5, starting_epoch = 2 (official training.gin). MMTM squeeze ratio 4.
+M > 2: yes (joint squeeze over all modalities; d over the max/min BDR). For M = 2 it is the official
+|BDR_0 - BDR_1| > epsilon, caring modality the one with the larger BDR.
 
-Differences from the reference code, on purpose: BB's MMTM hard-codes batch 64 (breaks at other batch
-sizes) and is 2-modal; here any batch size and M work, and MMTM sits after every encoder layer of
-MLP or Transformer encoders (BB: after ResNet layers 1-4). The speeds read p.grad after the all-reduce
-(identical on every rank; unsupported under DeepSpeed, whose gradients are partitioned).
+1 vs 2 processes: the speeds read p.grad after the all-reduce and the MMTM buffers average their batch
+means over processes, so at the same global batch both runs take the same steps.
+
+Differences from the official code:
+- the official updates both modalities' running gates with the first modality's gate (a copy-paste
+  slip); here each modality keeps its own;
+- MMTM sits after every encoder layer of MLP or Transformer encoders, for any batch size and M
+  (official: 2 ResNet/MVCNN views); BalanceBenchmark uses threshold 0.001, no warm-up, per-tensor ratios
+  and restarts the speeds after every window;
+- the speeds read p.grad after the all-reduce (identical on every rank; unsupported under DeepSpeed,
+  whose gradients are partitioned).
 """
 from __future__ import annotations
 
@@ -33,16 +47,21 @@ from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp, model_input
 
 @dataclass
 class GreedyConfig(BalancerConfig):
-    alpha: float = hp(0.001, "Threshold on the BDR spread d that starts a re-balancing window.")
+    alpha: float = hp(0.01, "Threshold epsilon on the BDR spread d that starts a re-balancing window (official 0.01).")
     window_size: int = hp(5, "Re-balancing steps per window.")
+    starting_epoch: int = hp(2, "First epoch (0-based) that may re-balance; earlier steps only accumulate speeds.")
+    rebalance: str = hp("gate", "'gate': the caring modality's MMTM gates become their running means (official); "
+                                "'squeeze': its excitation sees the other modalities' running squeezes.")
 
 
 def learning_speed(named_params) -> float:
-    total = 0.0
+    """sum ||g||^2 / sum ||theta||^2 over the tensors that have a gradient (the official ratio of sums)."""
+    g2, w2 = 0.0, 0.0
     for _, p in named_params:
         if p.grad is not None:
-            total += float(p.grad.detach().float().pow(2).sum() / p.detach().float().pow(2).sum().clamp_min(1e-12))
-    return total
+            g2 += float(p.grad.detach().float().pow(2).sum())
+            w2 += float(p.detach().float().pow(2).sum())
+    return g2 / max(w2, 1e-12)
 
 
 def bdr(main: dict, bypass: dict) -> dict:
@@ -55,12 +74,15 @@ class Greedy(Balancer):
     stage = "feed-forward"
     paper = "Wu et al., ICML 2022 (greedy learning, conditional utilisation rate with MMTM)"
     needs_param_grads = True
+    find_unused_parameters = True  # a gate-curated excitation layer gets no gradient on that step
     config_class = GreedyConfig
 
     def __init__(self, config=None):
         super().__init__(config)
         if self.config.alpha < 0:
             raise ValueError(f"balance.alpha must be >= 0, got {self.config.alpha}")
+        if self.config.rebalance not in ("gate", "squeeze"):
+            raise ValueError(f"balance.rebalance must be 'gate' or 'squeeze', got {self.config.rebalance!r}")
         if self.config.window_size < 1:
             raise ValueError(f"balance.window_size must be >= 1, got {self.config.window_size}")
         self.curating = None
@@ -82,6 +104,7 @@ class Greedy(Balancer):
 
     def setup(self, ctx, model):
         super().setup(ctx, model)
+        ctx.unwrap(model).set_curation(self.config.rebalance)
         self._reset()
 
     def _reset(self):
@@ -103,13 +126,15 @@ class Greedy(Balancer):
             self.window_left -= 1
             if self.window_left == 0:
                 self.curating = None
-                self._reset()
             return
         net = self.ctx.unwrap(model)
+        shared = list(net.shared_bypass_parameters())
         for m in self.ctx.modalities:
             self.main[m] += learning_speed(net.main_parameters(m))
-            self.bypass[m] += learning_speed(net.bypass_parameters(m))
+            self.bypass[m] += learning_speed(list(net.bypass_parameters(m)) + shared)
         self.last_bdr = bdr(self.main, self.bypass)
+        if self.ctx.epoch < self.config.starting_epoch:
+            return
         spread = max(self.last_bdr.values()) - min(self.last_bdr.values())
         if spread > self.config.alpha:
             self.curating = max(self.last_bdr, key=self.last_bdr.get)

@@ -2,35 +2,46 @@
 
 Yang et al., "Facilitating Multimodal Classification via Dynamically Learning Modality Gap", NeurIPS 2024.
 Stage: objective.
+Follows: njustkmg/NeurIPS24-LFM@ad44fa09fee471c9267a7cba526b222c54d45493:Crema_epoch_learnable.py
+(`Alignment`, `getAlpha_Learnable`, the CREMA-D learnable setting).
 
 The training loss mixes the supervised fused loss with an alignment term between the modalities'
-predictions (Jensen-Shannon divergence of the split-head softmaxes, averaged over all modality pairs):
+predictions, averaged over all modality pairs:
 
-    L = 2 (alpha_0 CE(z) + alpha_1 mean_{a<b} JS(softmax z_a, softmax z_b)),   alpha_0 = 1 - alpha_1.
+    L = 2 (alpha_0 CE(z) + alpha_1 mean_{a<b} A(softmax z_a, softmax z_b)),   alpha_0 = 1 - alpha_1.
+
+With `alignment: official` (default) A(P, Q) = (KL(M||P) + KL(M||Q)) / 2, M = (P + Q) / 2: the official
+`F.kl_div(p.log(), m)` is KL(M||P), the reverse of the textbook Jensen-Shannon divergence;
+`alignment: js` gives the textbook (KL(P||M) + KL(Q||M)) / 2.
 
 alpha_1 is learned (bi-level): once per epoch it takes one hypergradient step that lowers the held-out
 classification loss after a training step. With theta' = theta - eta grad_theta L_train(alpha), the
-first-order hypergradient is dL_val(theta')/d alpha_1 ~= -eta <grad L_cls^val, grad(JS - CE)^train>
-(d/d alpha_1 of grad L_train is grad(JS) - grad(CE), up to the factor 2). So
+first-order hypergradient is dL_val(theta')/d alpha_1 ~= -eta <grad L_cls^val, grad(A - CE)^train>
+(d/d alpha_1 of grad L_train is grad(A) - grad(CE), up to the factor 2). So
 
-    alpha_1 <- clip(alpha_1 + lr_alpha * <g_val, g_JS - g_CE>, 0.05, 0.95)
+    alpha_1 <- clip(alpha_1 + lr_alpha * <g_val, g_A - g_CE>, 0.05, 0.95)
 
-with g_val = grad of CE on a fixed validation batch (the first `val_samples` = 64 validation samples; the
-reference uses a quarter of its first validation batch) and g_JS, g_CE on the first `train_samples` = 64
-training samples; the learning rate eta is folded into lr_alpha, which halves every 20 epochs. The update
+with g_val = grad of CE on a fixed validation batch (the first `val_samples` validation samples) and g_A,
+g_CE on the first `train_samples` training samples; the learning rate eta is folded into lr_alpha, which
+halves every 20 epochs (from epoch 20 on, as the official `epoch % 20 == 0 and epoch != 0`). The update
 reads the validation split, never test.
 
-Defaults: alpha = (0.95, 0.05) at start, lr_alpha = 1e-4 (reference toolkit), clip [0.05, 0.95].
+Defaults (official learnable script): alpha = (0.05, 0.95) at start, i.e. 0.05 on the cross-entropy and
+0.95 on the alignment (`cls_k = [0.05, 0.95]`), lr_alpha = 1e-4, clip [0.05, 0.95].
 
 Distributed: the fixed batches are read from the datasets (the same samples on every rank) and the
 gradient vectors are averaged over processes before the inner product, so every rank applies the same alpha.
+M > 2: supported (alignment over all pairs).
 
-M > 2: supported (JS over all pairs).
-
-Differences from the reference toolkit, on purpose: BB steps alpha_1 by the mean of the *first parameter
-tensor's* entries of a Hessian-vector product computed entirely on the validation batch, a quantity that
-depends on parameter order; here the step is the (first-order) hypergradient of the validation loss w.r.t.
-alpha_1 over all parameters. The JS term is computed in a numerically safe form (BB takes log of softmax).
+Differences from the official code:
+- the official steps alpha_1 by the mean of the *first parameter tensor's* entries of a Hessian-vector
+  product computed entirely on its validation batch (half of 16 training samples held out), a quantity that
+  depends on parameter order; here the step is the (first-order) hypergradient of the validation loss
+  w.r.t. alpha_1 over all parameters, on the validation split;
+- the official fused logits are 0.5 (z_a + z_v) of separate unimodal heads; here z is the model's fused
+  head (for `fusion: concat` the sum of the split logits); the alignment is computed in log space
+  (the official takes log of a softmax);
+- BalanceBenchmark starts from the swapped weights (0.05 on the alignment); set `alpha_init: 0.05` for it.
 """
 from __future__ import annotations
 
@@ -47,29 +58,37 @@ from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp, model_input
 
 @dataclass
 class LFMConfig(BalancerConfig):
-    alpha_init: float = hp(0.05, "Initial weight alpha_1 of the alignment (JS) term; alpha_0 = 1 - alpha_1.")
+    alpha_init: float = hp(0.95, "Initial weight alpha_1 of the alignment term (official 0.95); alpha_0 = 1 - alpha_1 on the CE.")
     lr_alpha: float = hp(1e-4, "Hypergradient step size for alpha_1 (halved every `lr_decay_epochs`). 0 freezes alpha.")
     lr_decay_epochs: int = hp(20, "Halve lr_alpha every this many epochs.")
     alpha_min: float = hp(0.05, "Lower clip of alpha_1.")
     alpha_max: float = hp(0.95, "Upper clip of alpha_1.")
     val_samples: int = hp(64, "The first this many validation samples form the fixed hypergradient batch.")
     train_samples: int = hp(64, "The first this many training samples give the training-loss gradients.")
+    alignment: str = hp("official", "'official': (KL(M||P) + KL(M||Q)) / 2 as the official code; 'js': the textbook "
+                                    "Jensen-Shannon (KL(P||M) + KL(Q||M)) / 2.")
 
 
-def js_divergence(za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
-    """Batch-mean Jensen-Shannon divergence between softmax(za) and softmax(zb)."""
+def js_divergence(za: torch.Tensor, zb: torch.Tensor, kind: str = "js") -> torch.Tensor:
+    """Batch mean of the alignment between softmax(za) = P and softmax(zb) = Q, M = (P + Q) / 2:
+    'js': (KL(P||M) + KL(Q||M)) / 2; 'official': (KL(M||P) + KL(M||Q)) / 2 (the official `F.kl_div(p.log(), m)`)."""
     la, lb = torch.log_softmax(za, -1), torch.log_softmax(zb, -1)
     lm = torch.logsumexp(torch.stack([la, lb]), 0) - torch.log(torch.tensor(2.0, dtype=la.dtype))
-    kl_a = (la.exp() * (la - lm)).sum(-1)
-    kl_b = (lb.exp() * (lb - lm)).sum(-1)
+    if kind == "official":
+        m = lm.exp()
+        kl_a = (m * (lm - la)).sum(-1)
+        kl_b = (m * (lm - lb)).sum(-1)
+    else:
+        kl_a = (la.exp() * (la - lm)).sum(-1)
+        kl_b = (lb.exp() * (lb - lm)).sum(-1)
     return (0.5 * (kl_a + kl_b)).mean()
 
 
-def alignment(unimodal: dict) -> torch.Tensor:
+def alignment(unimodal: dict, kind: str = "js") -> torch.Tensor:
     pairs = list(combinations(list(unimodal), 2))
     if not pairs:
         return next(iter(unimodal.values())).sum() * 0
-    return sum(js_divergence(unimodal[a], unimodal[b]) for a, b in pairs) / len(pairs)
+    return sum(js_divergence(unimodal[a], unimodal[b], kind) for a, b in pairs) / len(pairs)
 
 
 @register
@@ -85,6 +104,8 @@ class LFM(Balancer):
         c = self.config
         if not 0 <= c.alpha_min <= c.alpha_init <= c.alpha_max <= 1:
             raise ValueError("balance.alpha_init must lie in [alpha_min, alpha_max] within [0, 1]")
+        if c.alignment not in ("official", "js"):
+            raise ValueError(f"balance.alignment must be 'official' or 'js', got {c.alignment!r}")
         if c.val_samples < 1 or c.train_samples < 1:
             raise ValueError("balance.val_samples and balance.train_samples must be >= 1")
         self.alpha1 = float(c.alpha_init)
@@ -119,7 +140,7 @@ class LFM(Balancer):
             out = unwrapped(**model_inputs(train, mods))
             g_ce = torch.autograd.grad(F.cross_entropy(out.logits, train["labels"]), params, retain_graph=True,
                                        allow_unused=True)
-            g_js = torch.autograd.grad(alignment(out.unimodal_logits), params, allow_unused=True)
+            g_js = torch.autograd.grad(alignment(out.unimodal_logits, self.config.alignment), params, allow_unused=True)
         finally:
             unwrapped.train(was_training)
         fill = lambda gs: [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, params)]  # noqa: E731
@@ -137,7 +158,7 @@ class LFM(Balancer):
 
     def loss(self, model, batch, outputs):
         ce = F.cross_entropy(outputs.logits, batch["labels"])
-        js = alignment(outputs.unimodal_logits)
+        js = alignment(outputs.unimodal_logits, self.config.alignment)
         a1 = self.alpha1
         return 2 * ((1 - a1) * ce + a1 * js), {"lfm_alpha1": a1, "lfm_js": js.item()}
 

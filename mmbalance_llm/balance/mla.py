@@ -2,6 +2,9 @@
 
 Zhang, Yoon, Bansal, Yao, "Multimodal Representation Learning by Alternating Unimodal Adaptation",
 CVPR 2024 (MLA). Stage: feed-forward (own architecture and own step order).
+Follows: the paper (Sec. 3, Eq. for the gradient modification and the test-time entropy gating). Compared
+with Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation@ab6c184579f9ff390e9c9b8216c9900c2a43545b:
+main.py, utils/utils.py and with GeWu-Lab/BalanceBenchmark@4c1482fca5aaa8d4278af8e26020daa039e3ccf3:balancemm/trainer/MLA_trainer.py.
 
 Architecture: per-modality encoders and one linear head shared by all modalities (models/shared_head.py,
 built from the recipe's `model` section; `fusion` is ignored). Training: for every batch, each modality
@@ -16,7 +19,13 @@ Defaults: a0 = 0.1 (MLA's schedule 0.1^(1 + b/n)), the learning rate is the reci
 batch, so the schedule matches other methods), modality order = data order.
 M > 2: yes. One projector per modality, Q_m built from all other modalities' features; gating is over M.
 
-Differences from the reference code, on purpose: BB hard-codes a 512x512 projector against a 1024-d head
+Differences from the official code: its gradient projection never runs (utils/utils.py tests the
+parameter name `n == "module.weight"`, which no parameter has), so the official code trains plain
+alternating unimodal steps; here the projection is on by default as in the paper and `projection: false`
+reproduces the official behaviour. The official inference gates take the softmax over the *batch*
+dimension (`F.softmax(output, dim=0)`), i.e. one entropy and one weight per modality per batch, so a
+sample's prediction depends on the other samples of its batch; here the gates are per sample, as the
+paper's per-input confidence. Differences from BalanceBenchmark: BB hard-codes a 512x512 projector against a 1024-d head
 (here Q is sized from the real head's input width) and reads an unset `self.alpha` (here `a0`); BB adds the
 projected gradient to the raw one and Frobenius-normalises P, here the gradient is replaced by its
 projection as in OWM and the paper, and each modality is protected by a projector built from the other
@@ -112,31 +121,21 @@ class MLA(Balancer):
             if k != m:
                 self.projectors[k] = owm_update(self.projectors[k], r.to(self.projectors[k].device), self._a)
 
-    def _substep(self, trainer, model, batch):
-        acc, cfg = trainer.accelerator, trainer.recipe.train
-        with acc.accumulate(model):
-            outputs = self.forward(model, batch)
-            loss, _ = self.loss(model, batch, outputs)
-            acc.backward(loss)
-            self.after_backward(model, trainer.state["global_step"])
-            if cfg.grad_clip:
-                acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            trainer.optimizer.step()
-            trainer.optimizer.zero_grad()
-
-    def _train_epoch(self, trainer, model, loader, epoch):
-        """Every batch: one optimizer step per modality; the last one is the trainer's own step, which
-        also steps the schedule once per batch and does the logging and checkpointing."""
-        mods = self.ctx.modalities
-        n = max(1, len(trainer.train_loader))
+    def _train_epoch(self, model, loader, epoch):
+        """Every batch: one optimizer step per modality through the loop's public optimizer step; the last
+        one is the loop's full training step, which also steps the schedule once per batch and does the
+        logging and checkpointing."""
+        ctx = self.ctx
+        mods = ctx.modalities
+        n = max(1, len(ctx.loaders["train"]))
         for batch in loader:
-            self._a = self.config.a0 ** (1 + trainer.state["batches_done"] / n)
+            self._a = self.config.a0 ** (1 + ctx.batches_done / n)
             for m in mods[:-1]:
                 self.current = m
-                self._substep(trainer, model, batch)
+                ctx.optimizer_step(batch)
             self.current = mods[-1]
-            trainer.training_step(batch)
-            if trainer._stop_requested():
+            ctx.training_step(batch)
+            if ctx.stop_requested():
                 break
 
     def state_dict(self):

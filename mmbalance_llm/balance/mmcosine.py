@@ -2,6 +2,8 @@
 
 Xu et al., "MMCosine: Multi-Modal Cosine Loss Towards Balanced Audio-Visual Fine-Grained Learning",
 ICASSP 2023. Stage: objective.
+Follows: GeWu-Lab/MMCosine_ICASSP23@00ba0a9cbd9b866b5017e972a1266d7b664bf86e:main_CD.py and
+models/fusion_modules.py (CREMA-D setting).
 
 Each modality's logits are a scaled cosine between its feature and the per-class rows of its column block
 of the concat classifier: z_m[k] = s * <h_m / |h_m|, W[k, S_m] / |W[k, S_m]|>, no bias, and z = sum_m z_m;
@@ -21,6 +23,10 @@ weights load into a plain concat model; to get the cosine predictions back from 
 
 M > 2: supported (the cosine logits are summed over any number of modalities; the reference toolkit
 handles M = 2 and 3).
+
+Differences from the official code: none in the logits (scaled cosines of each modality's feature and its
+weight block, no bias); the official concat head keeps a bias parameter that the cosine path never uses,
+here it is zeroed and frozen so that the saved model's plain concat forward has no stray bias.
 """
 from __future__ import annotations
 

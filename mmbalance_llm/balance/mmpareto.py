@@ -2,6 +2,8 @@
 
 Wei & Hu, "MMPareto: Boosting Multimodal Learning with Innocent Unimodal Assistance", ICML 2024.
 Stage: objective (loss-level multitask learning with gradient integration).
+Follows: GeWu-Lab/MMPareto_ICML2024@a339db39cc25b157df376b50bb894917dc6c01d6:code/MMPareto.py (CREMA-D setting,
+gamma 1.5); `rescale: tensor` reproduces its per-tensor rescale exactly.
 
 Losses: L_mm = CE(z) on the fused logits and, for every modality, L_m = CE(z_m) on its split-head logits.
 For encoder m, with g_mm = dL_mm/dtheta_m and g_m = dL_m/dtheta_m (computed separately):

@@ -2,6 +2,8 @@
 
 Wei, Feng, Wang, Hu, "Enhancing Multimodal Cooperation via Sample-level Modality Valuation", CVPR 2024
 (the cheaper modality-level variant of the paper; BalanceBenchmark's default valuation method). Stage: data.
+Follows: GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation@7ed12b07ee7d233aa835089185c909aaa3ff6b1e:
+code/modality_level.py (the paper's CREMA-D setting).
 
 At the start of every epoch from `warmup_epochs` on: draw a random part Z (`part_ratio` of the training
 set), compute each sample's modality Shapley values there (utility |S| * 1[correct], balance/_valuation.py),
@@ -17,7 +19,7 @@ every copy keeps the modality with the larger gap, as in the original.
 Distributed: Z, the copy indices and the modality draws come from generators seeded by (seed, epoch) and
 are identical on every rank; the Shapley values on Z are computed on shards and gathered.
 
-Differences from the reference code, on purpose: the original computes contributions on the whole
+Differences from the official code, on purpose: the original computes contributions on the whole
 training set and then averages over Z (the point of Z is to value only Z, done here); Z is drawn without
 replacement. Valuation reads `train_eval`-equivalent data (train split, no augmentation), never test.
 """
@@ -41,9 +43,9 @@ class ModalityValuationConfig(BalancerConfig):
 
 def modality_copies(phi_mean: torch.Tensor, modalities, num_samples: int, alpha: float, gen: torch.Generator):
     """(copies, discrepancy) from the mean contribution scores c_m over Z (gap_m = 1 - c_m)."""
-    gap = 1.0 - phi_mean
+    gap = 1.0 - phi_mean.double()  # float64 and the official operation order: int() sits on a step
     spread = float(gap.max() - gap.min())
-    discrepancy = (2.0 / 3.0) * alpha * spread
+    discrepancy = spread / 3 * 2 * alpha
     k = int(discrepancy * num_samples)
     if k <= 0 or spread <= 0:
         return [], discrepancy
@@ -76,16 +78,16 @@ class ModalityValuation(ResamplingState, Balancer):
         c, ctx = self.config, self.ctx
         if epoch < c.warmup_epochs or c.alpha == 0:
             return
-        data = ctx.trainer.data.train
+        data = ctx.train_dataset
         n = len(data)
         gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + epoch)
         part = torch.randperm(n, generator=gen)[: max(1, int(c.part_ratio * n))].sort().values
         loader = ctx.accelerator.prepare_data_loader(
-            subset_loader(data, part, ctx.recipe.train.eval_batch_size, ctx.recipe.data.num_workers))
+            subset_loader(data, part, ctx.eval_batch_size, ctx.num_workers))
         # Subset items carry their original index, so the table is indexed by training-set position.
         phi, full = sample_shapley(model, loader, ctx.accelerator, ctx.modalities, n)
         phi_mean = torch.nanmean(resampling_score(phi, full)[part], dim=0)
         self.copies, disc = modality_copies(phi_mean, ctx.modalities, n, c.alpha, gen)
         stats = {f"phi_{m}": float(v) for m, v in zip(ctx.modalities, phi_mean)}
         stats.update(discrepancy=disc, resampled=len(self.copies))
-        ctx.trainer.logger.log({"step": ctx.global_step, "epoch": epoch + 1, "split": "valuation", **stats})
+        ctx.log({"step": ctx.global_step, "epoch": epoch + 1, "split": "valuation", **stats})

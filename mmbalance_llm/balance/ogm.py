@@ -2,6 +2,7 @@
 
 Wei, Hu, Peng, Tang, Hu, "On-the-fly Modulation for Balanced Multimodal Learning", T-PAMI 2024
 (the journal version of Peng et al., CVPR 2022). Stage: optimization.
+Follows: GeWu-Lab/BML_TPAMI2024@4b3aa4fd841856c4acbebf48549e6c59fbf7635e:code/main.py, code/scripts/train_ogm.sh.
 
 The T-PAMI code (GeWu-Lab/BML_TPAMI2024, `main.py` / `models/Classifier.py`) uses the same update rule as
 the CVPR'22 OGM-GE: s_m = sum_i softmax(z_m)_i[y_i] from the split concat head (bias split evenly),
@@ -10,12 +11,12 @@ OGM_GE Gaussian noise N(0, std(g)^2) on the encoders' gradients. So `ogm` is **n
 reuses `ogm_ge`'s code (balance/ogm_ge.py) and only carries the T-PAMI defaults:
 
 - a warm-up without modulation: the T-PAMI loop modulates only when `epoch > 5` (0-based), i.e.
-  `modulation_starts = 6` (METHODS.md speaks of "5 warm-up epochs"; the code's `epoch <= 5` test gives six);
+  `modulation_starts = 6` (the paper speaks of "5 warm-up epochs"; the code's `epoch <= 5` test gives six);
 - `modulation_ends = 60` and `alpha = 0.8` (the T-PAMI `train_ogm.sh`), `modulation = OGM_GE`
   (the script's default).
 
-M > 2 is supported as in `ogm_ge`: rho_m compares with the mean of the other modalities. Every deliberate
-difference from the reference code is the one `ogm_ge` documents (scaling through a hook on h_m, so every
+M > 2 is supported as in `ogm_ge`: rho_m compares with the mean of the other modalities. Differences from
+the official code: exactly those `ogm_ge` documents (scaling through a hook on h_m, so every
 parameter of encoder m is scaled, not only 4-D conv weights; noise on weight tensors after the all-reduce).
 alpha = 0 with `modulation: OGM` reproduces the baseline exactly.
 """

@@ -2,20 +2,23 @@
 
 Peng et al., "Balanced Multimodal Learning via On-the-fly Gradient Modulation", CVPR 2022 (OGM-GE), and
 Wei et al., T-PAMI 2024 (OGM). Stage: optimization.
+Follows: GeWu-Lab/OGM-GE_CVPR2022@343dc1d95c9bda88f105c0da8d24f185e0e98b54:main.py (`train_epoch`).
+Defaults are the official CREMA-D settings (alpha 0.8, modulation epochs 0-50).
 
 Per step, from the split-head logits: s_m = sum_i softmax(z_m)_i[y_i] (summed over all processes),
 rho_m = s_m / mean_{k != m} s_k, and k_m = 1 - tanh(alpha * rho_m) when rho_m > 1 (the dominant
 modality only), else 1. Encoder m's gradient becomes k_m * g (OGM), plus, with `modulation: OGM_GE`,
-Gaussian noise N(0, std(g)^2) on every weight tensor of every modality (the original code's
-generalization enhancement, std taken from the unscaled gradient, applied to both modalities).
+Gaussian noise N(0, std(g)^2) on every weight tensor of every modality, with std(g) the std of the
+**unscaled** gradient g (official: `grad * coeff + normal(0, grad.std())`, the std read before scaling).
+The scaling runs as a hook on h_m, so p.grad already holds k_m * g when the noise is drawn; the noise std
+is therefore std(p.grad) / k_m, which is exactly std(g) (the hook scales every encoder-m gradient by k_m).
 
-Defaults: alpha = 0.8 (the original CREMA-D setting; the reference toolkit uses 0.3), modulation from
-epoch 0 to 50 inclusive (0-based epochs, as the original script).
-
-Differences from the reference code, on purpose:
+Differences from the official code:
 - the scaling acts on the gradient flowing into h_m (a tensor hook), which scales every parameter of
-  encoder m; the original scales only 4-D conv weights and the reference toolkit all non-bias weights.
-  The noise is added to weight tensors (dim > 1) only, after the all-reduce, identical on every rank.
+  encoder m; the official scales only 4-D conv weights (BalanceBenchmark: all non-bias weights).
+  The noise is added to weight tensors (dim > 1) only, after the all-reduce, identical on every rank
+  (the official: 4-D conv weights); it is drawn from a generator seeded by (seed, step);
+- with gradient accumulation the noise std divides by the last micro-batch's k_m;
 - M > 2: rho_m compares with the mean of the other modalities (the toolkit's M = 3 variant compares with
   the minimum, and its averaging variant has a mis-indented division).
 """
@@ -58,6 +61,7 @@ class OGMGE(Balancer):
             raise ValueError(f"balance.modulation must be 'OGM_GE' or 'OGM', got {self.config.modulation!r}")
         self.needs_param_grads = self.config.modulation == "OGM_GE"
         self._active = False
+        self._coeffs: dict = {}
 
     def loss(self, model, batch, outputs):
         loss, logs = super().loss(model, batch, outputs)
@@ -68,7 +72,8 @@ class OGMGE(Balancer):
         scores = self.ctx.reduce_sum(true_class_scores(outputs.unimodal_logits, batch["labels"]))
         coeffs = ogm_coefficients(scores, c.alpha)
         names = list(outputs.unimodal_logits)
-        scale_feature_grad(outputs.features, dict(zip(names, coeffs.tolist())))
+        self._coeffs = dict(zip(names, coeffs.tolist()))
+        scale_feature_grad(outputs.features, self._coeffs)
         logs.update({f"ogm_coeff_{m}": float(k) for m, k in zip(names, coeffs)})
         return loss, logs
 
@@ -79,9 +84,11 @@ class OGMGE(Balancer):
         gen = torch.Generator().manual_seed(self.ctx.seed * 1_000_003 + step)
         unwrapped = self.ctx.unwrap(model)
         for m in self.ctx.modalities:
+            k = float(self._coeffs.get(m, 1.0))
             for _, p in unwrapped.modality_parameters(m):
                 if p.grad is None or p.grad.dim() < 2:
                     continue
-                std = p.grad.float().std().item() + 1e-8
+                # p.grad = k * g (the hook); the official noise std is that of the unscaled g.
+                std = p.grad.float().std().item() / (k if k > 0 else 1.0) + 1e-8
                 noise = torch.randn(p.grad.shape, generator=gen) * std
                 p.grad.add_(noise.to(p.grad.device, p.grad.dtype))

@@ -2,6 +2,8 @@
 
 Wei, Hu et al., "On-the-fly Modulation for Balanced Multimodal Learning", T-PAMI 2024 (OPM). Stage:
 feed-forward.
+Follows: GeWu-Lab/BML_TPAMI2024@4b3aa4fd841856c4acbebf48549e6c59fbf7635e:code/main.py and
+code/models/fusion_model.py (`scripts/train_opm.sh`, the paper's main CREMA-D / Kinetics-Sounds setting).
 
 Per training step, from the split-head logits of the *unmasked* features: s_m = sum_i softmax(z_m)_i[y_i]
 (summed over all processes), rho_m = s_m / mean_{k != m} s_k, rho~_m = tanh(relu(rho_m - 1)). The drop rate
@@ -11,8 +13,13 @@ and modality zeroes h_m, every feature is rescaled by 1 / (1 - theta), theta = s
 and the fused logits are recomputed from the masked features (the encoders run once). The loss is the
 fused cross-entropy over samples that keep at least one modality.
 
-Defaults: q_base = 0.5, lam = 0.5, p_exe = 0.7 (the original script), modulation from epoch 0.
-q_base = 0 is bit-identical to `none`.
+Defaults: q_base = 0.5, lam = 0.5, p_exe = 0.7 (the official script), and the official warm-up: features
+are dropped only from epoch 6 (0-based) on, since the official loop sets `warm_up = 1 if epoch <= 5`
+(six warm-up epochs 0-5, the paper's "5 warm-up epochs" counted from 1). q_base = 0 is bit-identical to `none`.
+
+Differences from the official code: the drop mask is drawn per (seed, step, rank) instead of the global RNG;
+the official skips a step whose every sample lost all modalities, here that step's loss is 0 over no kept
+sample: a zero gradient, but the optimizer and schedule still step (AdamW's momentum and weight decay move).
 M > 2: yes, rho_m against the mean of the other modalities (BB's M = 3 variant divides by their sum, which
 makes every rho < 1 for balanced modalities and so never drops).
 
@@ -38,7 +45,7 @@ class OPMConfig(BalancerConfig):
     q_base: float = hp(0.5, "Base drop rate of a dominant modality's features; 0 disables OPM.")
     lam: float = hp(0.5, "lambda: how much the dominance rho~ raises the drop rate.")
     p_exe: float = hp(0.7, "Probability that a step drops features.")
-    modulation_starts: int = hp(0, "First epoch (0-based) with modulation.")
+    modulation_starts: int = hp(6, "First epoch (0-based) with modulation; epochs 0-5 are the official warm-up.")
     modulation_ends: int = hp(10_000, "Last epoch (0-based, inclusive) with modulation.")
 
 

@@ -2,6 +2,9 @@
 
 Hua, Yang, Han, Wang, Sun, Luo, Wen, "ReconBoost: Boosting Can Achieve Modality Reconcilement", ICML 2024.
 Stage: optimization (it reorganises the epoch through the `train_epoch` hook; the trainer stays generic).
+Follows: huacong/ReconBoost@14ab57ac26e0ad7badb29c4e08ec4ca9d4bb0932:train.py (stage loop, boosting and
+`ga_loss`), README.md (CREMA-D command: epochs_per_stage 4, correct_epoch 4, weight1 5, weight2 1,
+alpha 0.5, boost_rate 1.0), the paper's main CREMA-D setting.
 
 The learners are the split-head logits f_m = W[:, S_m] h_m + b/M (encoder m and its head columns), so the
 ensemble sum_m f_m is exactly the fused logits z the model predicts with. One trainer epoch is one boosting
@@ -12,17 +15,20 @@ round on learner m = modalities[epoch mod M] (pre = the learner updated in the p
   L = mean_i (w1 - w2 q_i[y_i]) (-log p_m,i[y_i]) / C  +  alpha * MSE(p_m, p_pre)
   with p = softmax(f), q = softmax(boost_rate * sum_{k != m} f_k) (no gradient): samples the other learners
   already get right weigh less, as in gradient boosting. The reconcilement term carries gradient into
-  learner m (p_pre is the fixed previous learner). BalanceBenchmark detaches both sides, which makes the
-  term inert; here it is live, as in the paper. The very first round has no previous learner and no term.
+  learner m (p_pre is the fixed previous learner), as the paper's Eq. (reconcilement regularisation)
+  intends. The official code (and BalanceBenchmark) detaches *both* sides (`out_obj.detach()`), which makes
+  the term a constant without gradient; `detach_reconcile: true` reproduces that. The very first round has
+  no previous learner and no term.
 - stage 2 (`t_epochs` passes), global rectification over every parameter: CE(boost_rate * sum_m f_m, y).
 
-Defaults: alpha = 0.5, w1 = 5, w2 = 1, t_epochs = 1 (BalanceBenchmark). M > 2: supported (cyclic order).
-Deliberate differences: the boost rate is a fixed hyperparameter (default 1), not learned: a positive
+Defaults: alpha = 0.5, w1 = 5, w2 = 1, t_epochs = 4 (official README: 4 boosting + 4 correction passes per
+stage; BalanceBenchmark uses 1). M > 2: supported (cyclic order).
+Differences from the official code: the live reconcilement term (above); the boost rate is a fixed hyperparameter (default 1), not learned: a positive
 scalar on the ensemble does not change its predictions, only the stage-2 loss temperature. The learners
 share the concat head (split columns) instead of the reference's shared 1024-d head; stage 1 leaves the
 other encoders without gradients, so `find_unused_parameters` is on under DDP. Each pass has its own seeded
-order, and a run stopped by `train.max_steps` in an epoch's first pass resumes at the same pass and batch
-(tested); a stop in a later pass closes that epoch early, because the trainer counts one pass per epoch.
+order, and a run stopped by `train.stop_after_steps` in any pass resumes at the same pass and batch
+(`epoch_length` tells the loop that an epoch is all its passes; tested in tests/test_method_table.py).
 """
 from __future__ import annotations
 
@@ -41,7 +47,9 @@ class ReconBoostConfig(BalancerConfig):
     weight1: float = hp(5.0, "w1: weight of the learner's own cross-entropy in stage 1.")
     weight2: float = hp(1.0, "w2: weight of the boosting correction (other learners' true-class probability).")
     boost_rate: float = hp(1.0, "Fixed scale of the ensemble sum_m f_m in q and in the stage-2 loss.")
-    t_epochs: int = hp(1, "Passes over the training data of each stage per boosting round.")
+    t_epochs: int = hp(4, "Passes over the training data of each stage per boosting round (official 4; BalanceBenchmark 1).")
+    detach_reconcile: bool = hp(False, "Detach both sides of the reconcilement MSE as the official code does (the term then "
+                                       "has no gradient); False keeps it live as in the paper.")
 
 
 def boosting_loss(logits: dict, m: str, pre, labels: torch.Tensor, c) -> torch.Tensor:
@@ -55,7 +63,8 @@ def boosting_loss(logits: dict, m: str, pre, labels: torch.Tensor, c) -> torch.T
     loss = ((c.weight1 - c.weight2 * q) * -logp).mean() / num_classes
     if pre is not None and c.alpha:
         p_pre = torch.softmax(logits[pre].detach().float(), -1)
-        loss = loss + c.alpha * F.mse_loss(torch.softmax(logits[m].float(), -1), p_pre)
+        own = logits[m].detach() if getattr(c, "detach_reconcile", False) else logits[m]
+        loss = loss + c.alpha * F.mse_loss(torch.softmax(own.float(), -1), p_pre)
     return loss
 
 
@@ -83,8 +92,12 @@ class ReconBoost(Balancer):
         t = self.config.t_epochs
         return [("boost", m, pre)] * t + [("ensemble", None, None)] * t
 
-    def _train_epoch(self, trainer, model, loader, epoch):
-        base, done = trainer.train_loader, trainer.state["batches_done"]
+    def epoch_length(self, loader, epoch: int) -> int:
+        return len(self.ctx.loaders["train"]) * len(self.schedule(epoch))
+
+    def _train_epoch(self, model, loader, epoch):
+        ctx = self.ctx
+        base, done = ctx.loaders["train"], ctx.batches_done
         n, schedule = len(base), self.schedule(epoch)
         for i, stage in enumerate(schedule):
             if done >= (i + 1) * n:
@@ -94,10 +107,10 @@ class ReconBoost(Balancer):
             # A seeded order per (epoch, pass): the sampler would otherwise advance its epoch after every
             # full pass, and a resumed run (which skips passes) would see other orders than an uninterrupted one.
             base.set_epoch(epoch * len(schedule) + i)
-            batches = trainer.accelerator.skip_first_batches(base, offset) if offset > 0 else base
+            batches = ctx.accelerator.skip_first_batches(base, offset) if offset > 0 else base
             for batch in batches:
-                trainer.training_step(batch)
-                if trainer._stop_requested():
+                ctx.training_step(batch)
+                if ctx.stop_requested():
                     return
         self._stage = ("ensemble", None, None)
 

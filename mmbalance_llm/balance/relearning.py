@@ -1,9 +1,13 @@
 """`relearning`: Diagnosing and Re-learning.
 
 Wei, Li, Hu, "Diagnosing and Re-learning for Balanced Multimodal Learning", ECCV 2024. Stage: optimization.
+Follows: GeWu-Lab/Diagnosing_Relearning_ECCV2024@025085ea82ed784c6ab6e5fb1b08bfe498dd0fc7:code/ours.py
+(`reinit_score`, `reinit`, the epoch loop) and code/script/ours.sh (CREMA-D: lambda 3, reinit_epoch 20,
+reinit_num 3, 90 epochs).
 
-Training is plain fused cross-entropy. At the end of every `reinit_epoch`-th epoch (at most `reinit_num`
-times) each modality is diagnosed and partly re-initialised:
+Training is plain fused cross-entropy. After 0-based epoch e with e > 0 and e % `reinit_epoch` == 0 (the
+official `epoch % reinit_epoch == 0 and epoch > 0`), at most `reinit_num` times, i.e. after 21, 41 and 61
+trained epochs by default, each modality is diagnosed and partly re-initialised:
 1. h_m is extracted on the training set (`train_eval` loader) and on the **validation** split (never test;
    the reference toolkit uses test as validation on most datasets), gathered from every process.
 2. Features are min-max scaled to [-1, 1] per dimension and clustered by KMeans with K = number of classes
@@ -14,10 +18,14 @@ times) each modality is diagnosed and partly re-initialised:
    theta <- alpha_m * theta_init + (1 - alpha_m) * theta, theta_init being the weights at the start of
    training (kept in the balancer state, so a resumed run resets toward the same point).
 
-Defaults: lambda = 3 (BalanceBenchmark), reinit_epoch = 20, reinit_num = 3 (the original CREMA-D script,
-run for 90 epochs). M > 2: supported, the diagnosis is per modality. lambda = 0 leaves the weights untouched
-(bit-identical to the baseline). The reset writes parameter values in place, which DeepSpeed's sharded
-master weights would not see, so DeepSpeed is refused with a clear error.
+Defaults: lambda = 3, reinit_epoch = 20, reinit_num = 3 (official script). M > 2: supported, the diagnosis
+is per modality. lambda = 0 leaves the weights untouched (bit-identical to the baseline). The reset writes
+parameter values in place, which DeepSpeed's sharded master weights would not see, so DeepSpeed is refused.
+
+Differences from the official code: KMeans is this package's k-means++ with `kmeans_init` restarts (the
+official sklearn `KMeans(random_state=0)`, whose restart count depends on the sklearn version), so cluster
+assignments can differ on the same features; the diagnosis reads the validation split (BalanceBenchmark
+uses test as validation on most datasets); the optimizer state is kept across a reset, as the official.
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp, model_input
 @dataclass
 class ReLearningConfig(BalancerConfig):
     lam: float = hp(3.0, "lambda in the reset strength alpha_m = tanh(lambda * |purity_train - purity_val|). 0 disables resets.")
-    reinit_epoch: int = hp(20, "Diagnose and reset after every reinit_epoch-th epoch.")
+    reinit_epoch: int = hp(20, "Diagnose and reset after 0-based epochs e > 0 with e % reinit_epoch == 0 (official).")
     reinit_num: int = hp(3, "Maximum number of resets in a run.")
     kmeans_seed: int = hp(0, "Seed of the k-means++ initialisation (the same on every process).")
     kmeans_init: int = hp(3, "Number of k-means++ restarts; the lowest-inertia clustering is kept.")
@@ -104,7 +112,7 @@ class ReLearning(Balancer):
 
     def on_epoch_end(self, model, epoch):
         c = self.config
-        if (epoch + 1) % c.reinit_epoch != 0 or self.resets_done >= c.reinit_num:
+        if epoch == 0 or epoch % c.reinit_epoch != 0 or self.resets_done >= c.reinit_num:
             return
         diagnosis = self.diagnose(model)
         net = self.ctx.unwrap(model)

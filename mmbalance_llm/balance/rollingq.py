@@ -1,6 +1,7 @@
 """`rollingq`: RollingQ, query rotation for attention fusion (Ni et al., "RollingQ: Reviving the
-Cooperation Dynamics in Multimodal Transformer", ICML 2025, arXiv 2506.11465; TRANSFORMERS_MLLM.md §1).
+Cooperation Dynamics in Multimodal Transformer", ICML 2025, arXiv 2506.11465).
 
+Follows: GeWu-Lab/RollingQ_ICML2025@23f116282b1603da690ae4d5dc43d188c1bcc18d:method.py, train_func.py.
 Stage: feed-forward (it changes the fusion query; the loss is the plain cross-entropy). In attention
 fusion the query keeps preferring the keys of one modality, which then gets the larger gradients, a
 self-reinforcing loop; rotating the query toward a balanced key target breaks it.
@@ -17,7 +18,7 @@ The rotation lives in the model (`query_rotation` buffer + `config.rotation_coun
 Defaults are the official code's: r_time 1, beta 0.0, sigma 0.0 (its arguments; the paper's tuned
 values are not published). M > 2: supported (the target weights generalise as above).
 
-Deliberate differences from the official code: AIR for the trigger is measured over the whole training
+Differences from the official code: AIR for the trigger is measured over the whole training
 set in the estimation pass, not on the last training batch (less noisy, and the same on every rank);
 multi-layer / multi-head fusion gets one rotation per (layer, head) (the paper has one single-head
 layer). Needs an attention-fusion model: with the default `model.architecture: classifier` this method
@@ -103,12 +104,10 @@ class RollingQ(Balancer):
         if rotated:
             self.rotations += 1
             core.config.rotation_count = int(core.config.rotation_count) + 1
-        trainer = getattr(self.ctx, "trainer", None)
-        if trainer is not None:
-            trainer.logger.log({"step": self.ctx.global_step, "epoch": epoch + 1, "split": "rollingq",
-                                "air": float(info["air"].mean()), "rotated_heads": int(info["rotated"].sum()),
-                                "rotation_angle_deg": float(info["angle"][info["rotated"]].mean()) if rotated else 0.0,
-                                "rotations": self.rotations})
+        self.ctx.log({"step": self.ctx.global_step, "epoch": epoch + 1, "split": "rollingq",
+                      "air": float(info["air"].mean()), "rotated_heads": int(info["rotated"].sum()),
+                      "rotation_angle_deg": float(info["angle"][info["rotated"]].mean()) if rotated else 0.0,
+                      "rotations": self.rotations})
 
     def state_dict(self) -> dict:
         return {"rotations": self.rotations}

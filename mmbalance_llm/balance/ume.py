@@ -2,11 +2,12 @@
 
 Du et al., "On Uni-Modal Feature Learning in Supervised Multi-Modal Learning", ICML 2023 (UME; the
 companion method UMT is `umt`). Not in the reference toolkit. Stage: objective.
+Follows: paper only (Sec. 4, the unweighted logit ensemble of independently trained unimodal models).
 
 UME trains every unimodal model independently and predicts with the sum of their logits. In this
 toolkit's model contract that is a concat-fusion classifier trained with
 
-    L = sum_m CE(z_m),   z_m = W[:, S_m] h_m + b / M   (the split head of METHODS.md §0)
+    L = sum_m CE(z_m),   z_m = W[:, S_m] h_m + b / M   (the split concat head)
 
 and no fused loss: encoder m and its column block W[:, S_m] receive gradient only from CE(z_m), so the
 branches are trained independently, with no cross-modal gradient. The model's fused logits are
@@ -22,6 +23,10 @@ Defaults: no hyperparameters; the ensemble weights are equal (the paper's unweig
 a weighted ensemble would need a different head and is not offered).
 
 M > 2: supported (one branch per modality).
+
+Differences from the paper: the branches are trained jointly in one model (one optimizer, one schedule)
+instead of as separate runs; as their gradients do not interact except through the shared bias b / M,
+this equals separate training up to that class prior and the shared learning-rate schedule.
 """
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 Du et al., "On Uni-Modal Feature Learning in Supervised Multi-Modal Learning", ICML 2023 (UMT; the
 companion method UME is `ume`). Stage: objective.
+Follows: GeWu-Lab/BalanceBenchmark@4c1482fca5aaa8d4278af8e26020daa039e3ccf3:balancemm/trainer/UMT_trainer.py (the loss; sigma 10) and the paper (two-stage
+training); the paper's own code was not compared.
 
 First a unimodal model is trained for every modality; then the multimodal model is trained with
 
@@ -54,8 +56,8 @@ def teacher_recipe(recipe, modality: str):
     raw["data"]["modalities"] = [modality]
     raw["balance"] = {"method": "none"}
     raw["output_dir"] = os.path.join(recipe.output_dir, "teachers", modality)
-    raw["train"]["resume_from"] = None
-    raw["train"]["max_steps"] = None
+    raw["train"]["resume_from_checkpoint"] = None
+    raw["train"]["stop_after_steps"] = None
     raw["model"]["encoders"] = {k: v for k, v in raw["model"].get("encoders", {}).items() if k == modality}
     return recipe_from_dict(raw)
 
@@ -108,7 +110,7 @@ class UMT(Balancer):
             raise ValueError(f"balance.teacher_paths names modalities not in the data: {sorted(unknown)}")
         if self.config.sigma == 0:
             return
-        reuse = ctx.trainer is not None and getattr(ctx.trainer, "resume_dir", None) is not None
+        reuse = ctx.resuming
         for m in ctx.modalities:
             path = self.config.teacher_paths.get(m) or train_teacher(ctx.recipe, m, reuse)
             self.teachers[m] = load_teacher(path, m, ctx.accelerator.device)

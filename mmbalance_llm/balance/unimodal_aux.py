@@ -1,9 +1,11 @@
 """`unimodal_aux`: fused cross-entropy plus a cross-entropy on every modality's split-head logits.
 
 Stage: objective. L = CE(z, y) + weight * sum_m CE(z_m, y), where z_m is the concat (or sum) head split
-by columns (METHODS.md §0), so no extra parameters are added. This is what the reference toolkit's
-MMPareto reduces to in practice (METHODS.md §1, "BB deviation") and a strong, cheap baseline on its own.
+by columns (z_m = W[:, S_m] h_m + b / M), so no extra parameters are added. This is what the reference toolkit's
+MMPareto reduces to in practice (its per-loss gradients are never separated) and a strong, cheap baseline on its own.
 Handles any M. weight = 0 reproduces the baseline exactly.
+Follows: paper only (the standard auxiliary unimodal loss, e.g. the "uni-modal loss" baseline of
+MMPareto, ICML 2024); no official code. Differences: none (no extra heads, the split head is used).
 """
 from __future__ import annotations
 

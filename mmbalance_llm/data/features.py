@@ -154,14 +154,21 @@ class LoadedData:
     notes: list
 
 
-def load_feature_data(cfg, num_classes: Optional[int] = None, seed: int = 0) -> LoadedData:
-    """Load and validate the recipe's `data` section. A missing validation split is carved (10%) from
+def load_feature_data(cfg, num_classes: Optional[int] = None, seed: int = 0, datasets=None) -> LoadedData:
+    """Load and validate the recipe's `data` section (or `datasets`, a `datasets.DatasetDict` / dict of
+    `Dataset`s given from Python instead of `data.path`). A missing validation split is carved (10%) from
     train with `seed` so that checkpoint choice never reads test."""
     wanted = [cfg.train_split, cfg.validation_split, cfg.test_split]
-    raw = load_splits(cfg.path, wanted)
+    if datasets is not None:
+        if not hasattr(datasets, "keys"):
+            raise DataError(f"datasets must be a DatasetDict or a dict of Dataset splits, got {type(datasets).__name__}")
+        raw = {s: datasets[s] for s in wanted if s in datasets}
+    else:
+        raw = load_splits(cfg.path, wanted)
     notes = []
     if cfg.train_split not in raw:
-        raise DataError(f"data.path '{cfg.path}': split '{cfg.train_split}' not found (found: {', '.join(raw) or 'none'})")
+        where = f"data.path '{cfg.path}'" if datasets is None else "datasets"
+        raise DataError(f"{where}: split '{cfg.train_split}' not found (found: {', '.join(raw) or 'none'})")
     if cfg.validation_split not in raw:
         parts = raw[cfg.train_split].train_test_split(test_size=0.1, seed=seed)
         raw[cfg.train_split], raw[cfg.validation_split] = parts["train"], parts["test"]

@@ -1,16 +1,26 @@
-"""Readers for local VLM benchmark files in their common formats, with strict validation.
+"""Readers for local VLM benchmark files in their peers' layouts, with strict validation.
 
-Formats (``load_benchmark(path, fmt="auto")``):
+Formats (``load_benchmark(path, fmt="auto")``; ``auto`` tells them apart by their columns, then by their
+answers and categories, see :func:`detect_format`):
 
-* ``mmstar`` - MMStar / VLMEvalKit-style TSV: ``index, question, answer, image`` (base64) and option columns
-  ``A, B, C, D`` (optional: without them the options are inside the question). ``answer`` is a letter.
-* ``pope`` - POPE JSONL: ``{"question_id", "image", "text", "label": "yes"|"no"}`` (``question``/``answer`` are
-  accepted aliases); ``image`` is relative to ``image_root`` (default: the file's folder).
-* ``mme`` - MME-style TSV (``index, category, image`` base64 or ``image_path``, ``question``, ``answer``
-  Yes/No) or the MME folder layout ``ROOT/<category>/{images/, questions_answers_YN/}`` or
-  ``ROOT/<category>/{x.png, x.txt}`` with ``question<TAB>answer`` lines. Items on one image form an acc+ pair.
+* ``mmstar`` - MMStar as VLMEvalKit's TSV (``index, question, A, B, C, D, answer, category, l2-category, image``
+  base64) or lmms-eval's parquet (``index, question, image, answer, category, l2_category, meta_info``, the
+  options inside the question). ``answer`` is a letter; without option columns the options are ``A``-``D``.
+* ``pope`` - POPE as JSONL (``{"question_id", "image", "text", "label": "yes"|"no"}``, ``question``/``answer``
+  accepted), VLMEvalKit's TSV (``index, question, answer, category, image``; ``category`` the split, or several
+  joined by commas) or lmms-eval's parquet (``id, question_id, question, answer, image_source, image,
+  category``). Each item's splits are in ``meta["splits"]``.
+* ``mme`` - MME as VLMEvalKit's TSV (``index, image, question, answer, category`` and ``image_path``, the name
+  the picture is saved under, which pairs its questions for acc+), a TSV with ``image_path`` files and no
+  ``image`` column, lmms-eval's parquet (``question_id, image, question, answer, category``; ``question_id``
+  pairs the questions), or the MME folder layout ``ROOT/<category>/{images/, questions_answers_YN/}`` or
+  ``ROOT/<category>/{x.png, x.txt}`` with ``question<TAB>answer`` lines.
 * ``avqa`` - AVQA-style JSON list or JSONL: ``{"id", "question", "options": [...], "answer": text or index,
-  "image"?: path, "audio"?: path}`` (``multi_choice``/``answer_idx`` accepted).
+  "image"?: path, "audio"?: path, "video"?: path}`` (``multi_choice``/``answer_idx`` accepted).
+
+TSVs are read with CSV quoting and VLMEvalKit's image conventions (base64, lists of base64, a short cell that
+names another row's ``index``); see :mod:`mmbalance_llm.eval.benchmark_tables`. Media files a benchmark names
+must lie inside its folder (or ``media_dir``) unless ``allow_outside_media=True``.
 
 Every problem raises :class:`FormatError` with ``file:line`` and the field, e.g.
 ``pope.jsonl:7: field 'label' must be yes/no, got 'maybe'``. Extra columns/fields (the diagnostic benchmark's
@@ -18,22 +28,21 @@ Every problem raises :class:`FormatError` with ``file:line`` and the field, e.g.
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import csv
-import hashlib
-import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmbalance_llm.eval.benchmark_tables import (FormatError, err, media_path, parquet_files, read_table,
+                                                 resolve_image_refs, row_images)
+
 FORMATS = ("mmstar", "pope", "mme", "avqa")
 LETTERS = ("A", "B", "C", "D", "E", "F")
-
-
-class FormatError(ValueError):
-    """A malformed benchmark file; the message starts with ``file:line``."""
+POPE_SPLITS = ("adversarial", "popular", "random")
+# MME's two parts, as both peers define them (VLMEvalKit's yorn.py MME_rating calls cognition "reasoning";
+# lmms-eval's tasks/mme/utils.py eval_type_dict)
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
+                  "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
 
 @dataclass
@@ -48,29 +57,10 @@ class BenchItem:
     group: str = ""        # items sharing a group form an MME acc+ set (same image)
     meta: dict = field(default_factory=dict)
     source: str = ""       # file:line
+    videos: list = field(default_factory=list)  # video files
 
 
-def _err(path, line, msg):
-    return FormatError(f"{path}:{line}: {msg}")
-
-
-def _save_b64_image(b64: str, path, line, media_dir: Path, stem: str) -> str:
-    try:
-        raw = base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise _err(path, line, "field 'image' is not valid base64") from None
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(raw)) as im:
-            im = im.convert("RGB")
-    except (UnidentifiedImageError, OSError):
-        raise _err(path, line, "field 'image' decodes to bytes that are not an image") from None
-    media_dir.mkdir(parents=True, exist_ok=True)
-    out = media_dir / f"{stem}-{hashlib.sha1(raw).hexdigest()[:12]}.png"
-    if not out.exists():
-        im.save(out)
-    return str(out)
+_err = err
 
 
 def _media_dir(path, media_dir):
@@ -81,23 +71,6 @@ def _media_dir(path, media_dir):
     return Path(tempfile.mkdtemp(prefix="mmbalance-bench-"))
 
 
-def _read_tsv(path):
-    csv.field_size_limit(1 << 30)
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if not rows:
-        raise FormatError(f"{path}:1: empty file (expected a header row)")
-    header = [h.strip() for h in rows[0]]
-    out = []
-    for i, r in enumerate(rows[1:], start=2):
-        if not any(c.strip() for c in r):
-            continue
-        if len(r) != len(header):
-            raise _err(path, i, f"{len(r)} columns but the header has {len(header)}")
-        out.append((i, dict(zip(header, r))))
-    return header, out
-
-
 def _need(path, line, row, key):
     v = row.get(key)
     if v is None or (isinstance(v, str) and not v.strip()):
@@ -105,42 +78,102 @@ def _need(path, line, row, key):
     return v.strip() if isinstance(v, str) else v
 
 
-def _resolve(path, line, root: Path, rel: str, what: str) -> str:
-    p = Path(rel) if os.path.isabs(rel) else root / rel
-    if not p.is_file():
-        raise _err(path, line, f"{what} file not found: {p}")
-    return str(p)
+def _blank(v) -> bool:
+    return v is None or (isinstance(v, str) and v.strip().lower() in ("", "nan", "none"))
 
 
-def load_mmstar(path, media_dir=None) -> list:
-    header, rows = _read_tsv(path)
-    for col in ("index", "question", "answer", "image"):
+def _root(path) -> Path:
+    p = Path(path)
+    return p if p.is_dir() else p.parent
+
+
+def _table(path, table):
+    return table if table is not None else read_table(path)
+
+
+def _images_of(path, header, rows, media_dir, stem, allow_outside):
+    """line -> image files of each row: the ``image`` column (base64 / refs / structs), else ``image_path`` files."""
+    root = _root(path)
+    if "image" in header:
+        cells = resolve_image_refs(path, rows)
+        md = _media_dir(path, media_dir)
+        out = {}
+        for line, r in rows:
+            cell = cells[line]
+            if (_blank(cell) if isinstance(cell, str) else not cell):
+                raise _err(path, line, "missing field 'image'")
+            out[line] = row_images(path, line, cell, md, stem, root, allow_outside)  # stored by content
+        return out
+    if "image_path" in header:
+        return {line: [media_path(path, line, root, _need(path, line, r, "image_path"), "image", allow_outside)]
+                for line, r in rows}
+    raise FormatError(f"{path}:1: header needs a column 'image' (base64) or 'image_path'")
+
+
+def _l2(r) -> str:
+    v = r.get("l2-category", r.get("l2_category", ""))
+    return "" if _blank(v) else str(v).strip()
+
+
+def load_mmstar(path, media_dir=None, allow_outside_media: bool = False, table=None) -> list:
+    header, rows = _table(path, table)
+    for col in ("index", "question", "answer"):
         if col not in header:
-            raise FormatError(f"{path}:1: header has no column '{col}' (MMStar TSV needs index, question, answer, image)")
-    md = _media_dir(path, media_dir)
+            raise FormatError(f"{path}:1: header has no column '{col}' (MMStar needs index, question, answer, image)")
+    if "image" not in header:
+        raise FormatError(f"{path}:1: header has no column 'image' (MMStar needs index, question, answer, image)")
+    imgs = _images_of(path, header, rows, media_dir, "mmstar", allow_outside_media)
     has_opts = [c for c in LETTERS if c in header]
     items = []
     for line, r in rows:
         idx = _need(path, line, r, "index")
         q = _need(path, line, r, "question")
-        opts = [c for c in has_opts if r.get(c, "").strip() and r[c].strip().lower() != "nan"] if has_opts else list(LETTERS[:4])
+        opts = [c for c in has_opts if not _blank(r.get(c))] if has_opts else list(LETTERS[:4])
         if len(opts) < 2:
             raise _err(path, line, f"needs at least 2 options in columns {', '.join(has_opts)}")
         ans = _need(path, line, r, "answer").upper()
         if ans not in opts:
             raise _err(path, line, f"field 'answer' is {ans!r} but the options are {', '.join(opts)}")
         prompt = q
+        if "hint" in header and not _blank(r.get("hint")):
+            prompt = f"Hint: {r['hint'].strip()}\n{prompt}"
         if has_opts:
-            prompt = q + "\nOptions:\n" + "\n".join(f"{c}. {r[c].strip()}" for c in opts)
+            prompt += "\nOptions:\n" + "\n".join(f"{c}. {str(r[c]).strip()}" for c in opts)
         prompt += "\nAnswer with the option's letter from the given choices directly."
-        img = _save_b64_image(_need(path, line, r, "image"), path, line, md, f"mmstar-{idx}")
-        extra = {k: v for k, v in r.items() if k not in ("index", "question", "answer", "image", *LETTERS)}
-        items.append(BenchItem(str(idx), prompt, opts, ans, [img], [], r.get("category", ""), "", extra,
-                               f"{path}:{line}"))
+        extra = {k: v for k, v in r.items() if k not in ("index", "question", "answer", "image", "image_path", *LETTERS)
+                 and isinstance(v, (str, int, float, dict, list))}
+        extra["l2_category"] = _l2(r)
+        items.append(BenchItem(str(idx), prompt, opts, ans, imgs[line], [], str(r.get("category", "")).strip(), "",
+                               extra, f"{path}:{line}"))
     return items
 
 
-def load_pope(path, image_root=None) -> list:
+def _splits(v) -> list:
+    return [s.strip() for s in str(v or "").split(",") if s.strip()]
+
+
+def load_pope(path, image_root=None, allow_outside_media: bool = False, table=None) -> list:
+    if table is None and not _tabular(Path(path)):
+        return _load_pope_jsonl(path, image_root, allow_outside_media)
+    header, rows = _table(path, table)
+    for col in ("question", "answer"):
+        if col not in header:
+            raise FormatError(f"{path}:1: header has no column '{col}' (POPE needs question, answer, image)")
+    imgs = _images_of(path, header, rows, image_root, "pope", allow_outside_media)
+    items = []
+    for line, r in rows:
+        q = _need(path, line, r, "question")
+        lab = _yn(path, line, r.get("answer"))
+        qid = next((str(r[k]).strip() for k in ("index", "question_id", "id") if not _blank(r.get(k))), str(line))
+        splits = _splits(r.get("category"))
+        extra = {k: v for k, v in r.items() if k not in ("question", "answer", "image") and isinstance(v, str)}
+        extra["splits"] = splits
+        items.append(BenchItem(qid, q, ["yes", "no"], lab, imgs[line], [], ",".join(splits) or Path(path).stem, "",
+                               extra, f"{path}:{line}"))
+    return items
+
+
+def _load_pope_jsonl(path, image_root=None, allow_outside_media: bool = False) -> list:
     root = Path(image_root) if image_root else Path(path).parent
     items = []
     with open(path, encoding="utf-8") as fh:
@@ -162,9 +195,11 @@ def load_pope(path, image_root=None) -> list:
             img = _need(path, line, r, "image")
             qid = r.get("question_id", line)
             extra = {k: v for k, v in r.items() if k not in ("text", "question", "label", "answer", "image")}
+            cat = r.get("category", Path(path).stem)
+            extra["splits"] = _splits(cat)
             items.append(BenchItem(str(qid), q.strip(), ["yes", "no"], lab.strip().lower(),
-                                   [_resolve(path, line, root, img, "image")], [],
-                                   r.get("category", Path(path).stem), "", extra, f"{path}:{line}"))
+                                   [media_path(path, line, root, img, "image", allow_outside_media)], [],
+                                   cat, "", extra, f"{path}:{line}"))
     return items
 
 
@@ -175,32 +210,33 @@ def _yn(path, line, a):
     return a
 
 
-def load_mme(path, media_dir=None) -> list:
-    if Path(path).is_dir():
+def load_mme(path, media_dir=None, allow_outside_media: bool = False, table=None) -> list:
+    if Path(path).is_dir() and not parquet_files(path):
         return _load_mme_folder(Path(path))
-    header, rows = _read_tsv(path)
-    for col in ("index", "category", "question", "answer"):
+    header, rows = _table(path, table)
+    for col in ("category", "question", "answer"):
         if col not in header:
-            raise FormatError(f"{path}:1: header has no column '{col}' (MME TSV needs index, category, question, answer, "
-                              "and image or image_path)")
-    if "image" not in header and "image_path" not in header:
-        raise FormatError(f"{path}:1: header needs a column 'image' (base64) or 'image_path'")
-    md = _media_dir(path, media_dir)
-    root = Path(path).parent
+            raise FormatError(f"{path}:1: header has no column '{col}' (MME needs index or question_id, category, "
+                              "question, answer, and image or image_path)")
+    if "index" not in header and "question_id" not in header:
+        raise FormatError(f"{path}:1: header has no column 'index' (or lmms-eval's 'question_id')")
+    imgs = _images_of(path, header, rows, media_dir, "mme", allow_outside_media)
     items = []
     for line, r in rows:
-        idx = _need(path, line, r, "index")
-        if r.get("image_path", "").strip():
-            img = _resolve(path, line, root, r["image_path"].strip(), "image")
-            group = r["image_path"].strip()
+        idx = _need(path, line, r, "index" if "index" in header else "question_id")
+        cat = _need(path, line, r, "category")
+        # the acc+ pair: VLMEvalKit groups by image_path, lmms-eval by question_id (the image's file name);
+        # with neither, questions on the same picture (same content hash) pair up
+        if not _blank(r.get("image_path")):
+            group = str(r["image_path"]).strip()
+        elif "index" not in header:
+            group = idx
         else:
-            b64 = _need(path, line, r, "image")
-            img = _save_b64_image(b64, path, line, md, f"mme-{idx}")
-            group = Path(img).stem.split("-")[-1]  # content hash: the same picture pairs its questions
-        extra = {k: v for k, v in r.items() if k not in ("index", "question", "answer", "image", "image_path")}
+            group = Path(imgs[line][0]).stem.rsplit("-", 1)[-1]
+        extra = {k: v for k, v in r.items() if k not in ("index", "question", "answer", "image") and isinstance(v, str)}
         items.append(BenchItem(str(idx), _need(path, line, r, "question"), ["yes", "no"],
-                               _yn(path, line, r.get("answer")), [img], [], _need(path, line, r, "category"),
-                               f"{r['category']}/{group}", extra, f"{path}:{line}"))
+                               _yn(path, line, r.get("answer")), imgs[line], [], cat, f"{cat}/{group}", extra,
+                               f"{path}:{line}"))
     return items
 
 
@@ -259,7 +295,7 @@ def _json_records(path):
     return out
 
 
-def load_avqa(path, media_root=None) -> list:
+def load_avqa(path, media_root=None, allow_outside_media: bool = False) -> list:
     root = Path(media_root) if media_root else Path(path).parent
     items = []
     for line, r in _json_records(path):
@@ -276,47 +312,79 @@ def load_avqa(path, media_root=None) -> list:
             ans = opts[ans]
         if not isinstance(ans, str) or ans not in opts:
             raise _err(path, line, f"field 'answer' is {ans!r}, not one of the options {opts}")
-        images = [_resolve(path, line, root, r[k], k) for k in ("image",) if r.get(k)]
-        audios = [_resolve(path, line, root, r[k], k) for k in ("audio",) if r.get(k)]
+        media = {k: [media_path(path, line, root, r[k], k, allow_outside_media)] if r.get(k) else []
+                 for k in ("image", "audio", "video")}
         extra = {k: v for k, v in r.items() if k not in ("question", "options", "multi_choice", "answer", "answer_idx",
-                                                           "image", "audio")}
-        items.append(BenchItem(str(r.get("id", line)), q, list(opts), ans, images, audios, r.get("category", ""),
-                               "", extra, f"{path}:{line}"))
+                                                           "image", "audio", "video")}
+        items.append(BenchItem(str(r.get("id", line)), q, list(opts), ans, media["image"], media["audio"],
+                               r.get("category", ""), "", extra, f"{path}:{line}", media["video"]))
     return items
 
 
-def detect_format(path) -> str:
+def _tabular(p: Path) -> bool:
+    return p.suffix in (".tsv", ".parquet") or (p.is_dir() and bool(parquet_files(p)))
+
+
+def detect_format(path, table=None) -> str:
+    """The format of a benchmark file. Tables (TSV, parquet) are told apart by their columns: option columns
+    ``A``/``B`` or an ``l2-category``/``l2_category`` column -> mmstar; ``image_source`` (lmms-eval POPE) -> pope;
+    ``image_path`` or ``question_id`` without ``image_source`` -> mme; otherwise by their answers and categories:
+    letters -> mmstar, yes/no with POPE's splits (adversarial, popular, random) as categories -> pope, other
+    yes/no -> mme."""
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and not parquet_files(p):
         return "mme"
     if p.suffix == ".jsonl":
         with open(p, encoding="utf-8") as fh:
-            first = next((json.loads(t) for t in fh if t.strip()), {})
+            try:
+                first = next((json.loads(t) for t in fh if t.strip()), {})
+            except json.JSONDecodeError:
+                first = {}
         return "pope" if isinstance(first, dict) and ("label" in first or "text" in first) else "avqa"
     if p.suffix == ".json":
         return "avqa"
-    if p.suffix == ".tsv":
-        with open(p, encoding="utf-8") as fh:
-            header = fh.readline().rstrip("\n").split("\t")
-        return "mmstar" if "A" in header or "l2_category" in header else "mme"
-    raise FormatError(f"{path}:0: cannot tell the benchmark format from the name; pass fmt= one of {', '.join(FORMATS)}")
+    if not _tabular(p):
+        raise FormatError(f"{path}:0: cannot tell the benchmark format from the name; pass --format "
+                          f"(one of {', '.join(FORMATS)})")
+    header, rows = _table(path, table)
+    cols = set(header)
+    if {"A", "B"} <= cols or cols & {"l2-category", "l2_category"}:
+        return "mmstar"
+    if "image_source" in cols:
+        return "pope"
+    answers = {str(r.get("answer", "")).strip().lower() for _, r in rows} - {""}
+    cats = {s for _, r in rows for s in _splits(r.get("category"))}
+    if answers and answers <= {"yes", "no"}:
+        if cats and cats <= set(POPE_SPLITS):
+            return "pope"
+        return "mme"
+    if answers and answers <= {c.lower() for c in LETTERS}:
+        return "mmstar"
+    raise FormatError(f"{path}:1: cannot tell MMStar, POPE or MME apart from columns {sorted(cols)} and answers "
+                      f"{sorted(answers)[:5]}; pass --format")
 
 
-def load_benchmark(path, fmt: str = "auto", media_dir=None) -> tuple[str, list]:
-    """(format, items) for a benchmark file or folder."""
+def load_benchmark(path, fmt: str = "auto", media_dir=None, allow_outside_media: bool = False) -> tuple[str, list]:
+    """(format, items) for a benchmark file or folder. ``media_dir``: where decoded images go (tables) / what
+    media paths are relative to (JSON). Media named by the file must stay inside its folder (or ``media_dir``)
+    unless ``allow_outside_media``."""
     if not Path(path).exists():
         raise FormatError(f"{path}:0: benchmark file not found")
-    fmt = detect_format(path) if fmt == "auto" else fmt
-    if fmt == "mmstar":
-        items = load_mmstar(path, media_dir)
-    elif fmt == "pope":
-        items = load_pope(path, media_dir)
-    elif fmt == "mme":
-        items = load_mme(path, media_dir)
-    elif fmt == "avqa":
-        items = load_avqa(path, media_dir)
-    else:
+    if fmt not in ("auto",) + FORMATS:
         raise FormatError(f"{path}:0: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    table = read_table(path) if _tabular(Path(path)) else None
+    fmt = detect_format(path, table) if fmt == "auto" else fmt
+    if table is not None and fmt == "avqa":
+        raise FormatError(f"{path}:0: format 'avqa' is a JSON/JSONL layout, not a table")
+    kw = {"allow_outside_media": allow_outside_media}
+    if fmt == "mmstar":
+        items = load_mmstar(path, media_dir, table=table, **kw)
+    elif fmt == "pope":
+        items = load_pope(path, media_dir, table=table, **kw)
+    elif fmt == "mme":
+        items = load_mme(path, media_dir, table=table, **kw)
+    else:
+        items = load_avqa(path, media_dir, **kw)
     if not items:
         raise FormatError(f"{path}:0: no items")
     return fmt, items

@@ -44,6 +44,28 @@ def plot_run(metrics_path: str, out_png: str, title: str = "") -> str:
     return out_png
 
 
+def plot_sft_run(metrics_path: str, out_png: str, title: str = "") -> str:
+    """SFT: validation answer accuracy (overall and per `needs`) and loss per step."""
+    rows = eval_rows(metrics_path)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+    if rows:
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, [r["accuracy"] for r in rows], "k-", lw=2, label="all")
+        for k in sorted({k for r in rows for k in r if k.startswith("accuracy_")}):
+            ax.plot(steps, [r.get(k) for r in rows], "--", label=k[len("accuracy_"):])
+        bx.plot(steps, [r["loss"] for r in rows], "k-")
+    for a, label in ((ax, "validation answer accuracy"), (bx, "validation loss")):
+        a.set_xlabel("step")
+        a.set_ylabel(label)
+        a.grid(alpha=0.3)
+    ax.legend()
+    fig.suptitle(title or "SFT")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
 def plot_compare_curves(runs: dict, out_png: str, modalities: list, alone: dict | None = None) -> str:
     """One panel per modality: its unimodal validation accuracy per epoch for every method (solid) and
     its encoder-probe accuracy (dotted, same colour), with the modality's trained-alone test accuracy as

@@ -13,8 +13,10 @@ forcing, the lm-eval-harness ``acc`` rule) and the prediction is the best option
 Metrics (TRANSFORMERS_MLLM.md §3.5): accuracy per condition; MMStar multimodal gain ``MG = S_v - S_wv`` and
 leakage ``ML = max(0, S_wv - S_t)``; per modality and mode the reliance ``delta = acc_full - acc_without_m`` and
 ``ratio = delta / acc_full`` (the fraction of accuracy that needs m), the mean ``delta logp`` of the correct
-answer and the flip rate; POPE precision / recall / F1 / yes-ratio; MME acc, acc+ and score per category;
-accuracy per ``needs`` group when items carry one (the diagnostic benchmark).
+answer and the flip rate; POPE precision / recall / F1 / yes-ratio, overall and per split; MME acc, acc+ and
+score per category, perception and cognition; MMStar accuracy per category and l2-category and the macro mean
+over l2-categories; accuracy per ``needs`` group when items carry one (the diagnostic benchmark). Where the peers
+define a metric differently, docs/attribution.md says how.
 """
 from __future__ import annotations
 
@@ -61,6 +63,25 @@ def mme_scores(preds, refs, categories, groups) -> dict:
     return out
 
 
+def mme_parts(scores: dict) -> dict:
+    """MME perception and cognition: sums of their categories' scores (categories as both peers list them;
+    others count in ``total`` only)."""
+    from mmbalance_llm.eval.benchmark_formats import MME_COGNITION, MME_PERCEPTION
+
+    return {"perception": sum(v["score"] for k, v in scores.items() if k in MME_PERCEPTION),
+            "cognition": sum(v["score"] for k, v in scores.items() if k in MME_COGNITION)}
+
+
+def mmstar_breakdown(preds, refs, categories, l2_categories) -> dict:
+    """MMStar accuracy per category and per l2-category (VLMEvalKit's report_acc, micro within each group), and
+    lmms-eval's ``average``: the macro mean over l2-categories."""
+    ok = np.array([p == r for p, r in zip(preds, refs)], dtype=float)
+    cat = {c: float(ok[[i for i, x in enumerate(categories) if x == c]].mean()) for c in sorted(set(categories)) if c}
+    l2 = {c: float(ok[[i for i, x in enumerate(l2_categories) if x == c]].mean()) for c in sorted(set(l2_categories))
+          if c}
+    return {"category": cat, "l2_category": l2, "macro_l2": float(np.mean(list(l2.values()))) if l2 else None}
+
+
 def gain_leakage(s_v: float, s_wv: float, s_t: float | None = None) -> dict:
     """MMStar: multimodal gain MG = S_v - S_wv; multimodal leakage ML = max(0, S_wv - S_t) (needs S_t)."""
     return {"mg": s_v - s_wv, "ml": None if s_t is None else max(0.0, s_wv - s_t)}
@@ -77,6 +98,10 @@ def reliance_scores(acc: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- scoring
+def item_media(item, modality: str) -> list:
+    """An item's media files of one modality."""
+    return {"image": item.images, "audio": item.audios, "video": getattr(item, "videos", [])}[modality]
+
 
 
 class MLLMScorer:
@@ -88,15 +113,16 @@ class MLLMScorer:
 
         self.model = model.eval()
         self.collator = ChatCollator(processor, model.config, max_length=max_length)
-        self.accepts = [m for m in get_modality_map(model).modalities if m in ("image", "audio")]
+        self.accepts = [m for m in get_modality_map(model).modalities if m in ("image", "video", "audio")]
         self.batch_size = batch_size
 
     def record(self, item, keep: tuple) -> dict:
-        media = {"image": item.images if "image" in keep else [], "audio": item.audios if "audio" in keep else []}
-        ph = "<image>" * len(media["image"]) + "<audio>" * len(media["audio"])
+        media = {m: item_media(item, m) if m in keep else [] for m in ("image", "video", "audio")}
+        ph = "<image>" * len(media["image"]) + "<video>" * len(media["video"]) + "<audio>" * len(media["audio"])
         return {"id": item.id, "messages": [{"role": "user", "content": ph + item.question},
                                             {"role": "assistant", "content": item.options[0]}],
-                "images": list(media["image"]), "audios": list(media["audio"])}
+                "images": list(media["image"]), "audios": list(media["audio"]),
+                "videos": [[v] for v in media["video"]]}
 
     def option_logprobs(self, items, keep: tuple, blank: tuple = ()) -> list:
         """[[logp(option) for option in item.options] for item in items]."""
@@ -198,7 +224,7 @@ def load_scorer(path: str, batch_size: int = 16):
 
 def conditions_for(scorer, items, blank: bool = True, drop: bool = True) -> dict:
     """Condition name -> (kept media, blanked media)."""
-    present = [m for m in scorer.accepts if any((it.images if m == "image" else it.audios) for it in items)]
+    present = [m for m in scorer.accepts if any(item_media(it, m) for it in items)]
     conds = {"full": (tuple(present), ())}
     for m in present:
         if blank:
@@ -236,15 +262,11 @@ def evaluate_reliance(scorer, items, fmt: str, base_scorer=None, blank: bool = T
         for c, p in preds.items():
             for k, v in pope_metrics(p, refs).items():
                 res[f"pope_{k},{c}"] = v
+        res.update(pope_split_results(items, preds, refs) if fmt == "pope" else {})
     if fmt == "mme":
-        cats, groups = [it.category for it in items], [it.group for it in items]
-        for c, p in preds.items():
-            for cat, v in mme_scores(p, refs, cats, groups).items():
-                if cat == "total":
-                    res[f"mme_total,{c}"] = v
-                else:
-                    for k, x in v.items():
-                        res[f"mme_{k}/{cat},{c}"] = x
+        res.update(mme_results(items, preds, refs))
+    if fmt == "mmstar":
+        res.update(mmstar_results(items, preds, refs))
     needs = [it.meta.get("needs") for it in items]
     if any(needs):
         for g in sorted({n for n in needs if n}):
@@ -258,9 +280,61 @@ def evaluate_reliance(scorer, items, fmt: str, base_scorer=None, blank: bool = T
                         "target": it.answer,
                         "conditions": {c: {"pred": preds[c][i], "acc": float(preds[c][i] == it.answer),
                                            "logprobs": logps[c][i]} for c in logps}})
-    ignored = sorted({m for it in items for m, lst in (("image", it.images), ("audio", it.audios))
-                      if lst and m not in scorer.accepts}) if hasattr(scorer, "accepts") else []
+    ignored = sorted({m for it in items for m in ("image", "video", "audio")
+                      if item_media(it, m) and m not in scorer.accepts}) if hasattr(scorer, "accepts") else []
     return {"results": res, "samples": samples, "conditions": list(logps), "ignored_media": ignored}
+
+
+def pope_split_results(items, preds: dict, refs: list) -> dict:
+    """POPE metrics per split (an item in several splits counts in each, as VLMEvalKit's POPE_rating)."""
+    res = {}
+    splits = sorted({s for it in items for s in it.meta.get("splits", [])})
+    for sp in splits:
+        idx = [i for i, it in enumerate(items) if sp in it.meta.get("splits", [])]
+        for c, p in preds.items():
+            for k, v in pope_metrics([p[i] for i in idx], [refs[i] for i in idx]).items():
+                res[f"pope_{k}/{sp},{c}"] = v
+    return res
+
+
+def mme_results(items, preds: dict, refs: list) -> dict:
+    res = {}
+    cats, groups = [it.category for it in items], [it.group for it in items]
+    for c, p in preds.items():
+        scores = mme_scores(p, refs, cats, groups)
+        res[f"mme_total,{c}"] = scores.pop("total")
+        for part, v in mme_parts(scores).items():
+            res[f"mme_{part},{c}"] = v
+        for cat, v in scores.items():
+            for k, x in v.items():
+                res[f"mme_{k}/{cat},{c}"] = x
+    return res
+
+
+def mmstar_results(items, preds: dict, refs: list) -> dict:
+    res = {}
+    cats, l2 = [it.category for it in items], [it.meta.get("l2_category", "") for it in items]
+    for c, p in preds.items():
+        b = mmstar_breakdown(p, refs, cats, l2)
+        for k, v in b["category"].items():
+            res[f"mmstar_acc/{k},{c}"] = v
+        for k, v in b["l2_category"].items():
+            res[f"mmstar_acc_l2/{k},{c}"] = v
+        if b["macro_l2"] is not None:
+            res[f"mmstar_macro_l2,{c}"] = b["macro_l2"]
+    return res
+
+
+def _group_table(results: dict, conditions: list, prefix: str, label: str, digits: int = 3) -> list:
+    """Rows = groups found under ``prefix<group>,<condition>``; columns = conditions."""
+    f = lambda v: "–" if v is None else f"{v:.{digits}f}"  # noqa: E731
+    groups = sorted({k.split(",")[0][len(prefix):] for k in results if k.startswith(prefix)})
+    if not groups:
+        return []
+    lines = ["", f"| {label} | " + " | ".join(conditions) + " |", "|" + "---|" * (len(conditions) + 1)]
+    for g in groups:
+        lines.append(f"| {g} | " + " | ".join(f(results.get(f"{prefix}{g},{c}")) for c in conditions) + " |")
+    return lines
 
 
 def markdown_table(task: str, results: dict, conditions: list) -> str:
@@ -282,6 +356,19 @@ def markdown_table(task: str, results: dict, conditions: list) -> str:
     if any(k.startswith("mme_total,") for k in results):
         lines += ["", "MME score (acc + acc+, x100) per condition: "
                   + ", ".join(f"{c} {results[f'mme_total,{c}']:.1f}" for c in conditions if f"mme_total,{c}" in results)]
+        lines += ["", "| MME | " + " | ".join(conditions) + " |", "|" + "---|" * (len(conditions) + 1)]
+        for part in ("perception", "cognition", "total"):
+            lines.append(f"| {part} | " + " | ".join(f"{results.get(f'mme_{part},{c}', 0.0):.1f}" for c in conditions)
+                         + " |")
+        lines += _group_table(results, conditions, "mme_score/", "MME category score", 1)
+    lines += _group_table(results, conditions, "mmstar_acc/", "MMStar category acc")
+    lines += _group_table(results, conditions, "mmstar_acc_l2/", "MMStar l2-category acc")
+    if any(k.startswith("mmstar_macro_l2,") for k in results):
+        lines += ["", "MMStar macro average over l2-categories (lmms-eval's `average`): "
+                  + ", ".join(f"{c} {results[f'mmstar_macro_l2,{c}']:.3f}" for c in conditions
+                              if f"mmstar_macro_l2,{c}" in results)]
+    lines += _group_table(results, conditions, "pope_f1/", "POPE split F1")
+    lines += _group_table(results, conditions, "pope_acc/", "POPE split acc")
     groups = sorted({k.split(",")[0].split("/", 1)[1] for k in results if k.startswith("acc_needs/")})
     if groups:
         lines += ["", "| needs | " + " | ".join(conditions) + " |", "|" + "---|" * (len(conditions) + 1)]

@@ -13,12 +13,15 @@ def build_parser() -> argparse.ArgumentParser:
                                             "reliance, POPE and MME metrics.")
     p.add_argument("--model", required=True, help="HF MLLM folder (LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen2-Audio)")
     p.add_argument("--benchmark", required=True, help="benchmark file or MME folder")
-    p.add_argument("--format", default="auto", choices=("auto", "mmstar", "pope", "mme", "avqa"))
+    p.add_argument("--format", default="auto", choices=("auto", "mmstar", "pope", "mme", "avqa"),
+                   help="benchmark layout; auto tells MMStar / POPE / MME tables apart by their columns and answers")
     p.add_argument("--base-llm", default=None, help="text-only base model (MMStar S_t): an MLLM or causal LM folder")
     p.add_argument("--out", default=None, help="output folder (default: <benchmark stem>-reliance next to the file)")
     p.add_argument("--task", default=None, help="task name in the results (default: the benchmark file stem)")
     p.add_argument("--media-dir", default=None,
                    help="where base64 images are decoded (TSV) / what media paths are relative to (JSON)")
+    p.add_argument("--allow-outside-media", action="store_true",
+                   help="allow media paths that point outside the benchmark's folder (refused by default)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-blank", action="store_true", help="skip the blank_<m> conditions")
@@ -32,7 +35,7 @@ def reliance_main(argv: list[str]) -> int:
     from mmbalance_llm.eval.reliance import evaluate_reliance, load_scorer, markdown_table, write_outputs
 
     try:
-        fmt, items = load_benchmark(a.benchmark, a.format, a.media_dir)
+        fmt, items = load_benchmark(a.benchmark, a.format, a.media_dir, allow_outside_media=a.allow_outside_media)
     except FormatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,9 +4,13 @@ architecture of Greedy, Wu et al., ICML 2022; MMTM from Joze et al., CVPR 2020).
 After every hidden layer l of the per-modality encoders, one MMTM block squeezes each modality's hidden
 state (mean over tokens for sequences), maps the concatenation to a joint code z = relu(W_s [s_1; ...; s_M])
 and excites every modality with e_m = 2 * sigmoid(W_m z): h_m <- h_m * e_m. Every block keeps running
-means of the squeezes (buffers). `forward(curate=m)` gives modality m's excitation the running means of
-the other modalities instead of their per-sample squeezes: m's branch then receives no per-sample
-cross-modal information (Greedy's re-balancing step). Any batch size and M >= 2 work.
+means of the squeezes (EMA buffers) and of the excitation gates (cumulative means over all training
+forwards, as the official Greedy code's `running_avg_weight_*`); training-mode batch means are averaged over
+processes first, so the buffers do not depend on how a global batch is split. `forward(curate=m)` is
+Greedy's re-balancing step, after which m's branch receives no per-sample cross-modal information; with
+`curation = "gate"` (the official mechanism, default) m's gate e_m is replaced by its running mean, with
+`curation = "squeeze"` m's excitation sees the running means of the other modalities' squeezes instead
+of their per-sample values. Any batch size and M >= 2 work.
 
 Encoders must be `mlp` or `transformer` with the same number of layers for every modality (one block per
 layer). Built from the recipe's `model` section (architecture name `mmtm`); fusion heads as the classifier
@@ -34,7 +38,21 @@ class MMTMConfig(MultimodalClassifierConfig):
         super().__init__(**kwargs)
 
 
+def _global_batch_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch dimension of x, over every process when distributed (sum and count reduced)."""
+    import torch.distributed as dist
+
+    total, count = x.sum(0), x.new_tensor(float(len(x)))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flat = torch.cat([total.flatten(), count.view(1)])
+        dist.all_reduce(flat)
+        total, count = flat[:-1].view_as(total), flat[-1]
+    return total / count
+
+
 class MMTMBlock(nn.Module):
+    curation = "gate"  # Greedy's re-balancing mechanism: "gate" (official) or "squeeze"
+
     def __init__(self, dims: dict, ratio: int = 4, momentum: float = 0.1):
         super().__init__()
         self.modalities = list(dims)
@@ -45,6 +63,8 @@ class MMTMBlock(nn.Module):
         self.excite = nn.ModuleDict({m: nn.Linear(hidden, d) for m, d in dims.items()})
         for m, d in dims.items():
             self.register_buffer(f"running_{m}", torch.zeros(d))
+            self.register_buffer(f"gate_{m}", torch.zeros(d))
+        self.register_buffer("gate_steps", torch.zeros(()))
 
     @staticmethod
     def _squeeze(h: torch.Tensor) -> torch.Tensor:
@@ -56,16 +76,27 @@ class MMTMBlock(nn.Module):
             with torch.no_grad():
                 for m in self.modalities:
                     buf = getattr(self, f"running_{m}")
-                    buf.mul_(1 - self.momentum).add_(self.momentum * s[m].detach().float().mean(0).to(buf.dtype))
+                    buf.mul_(1 - self.momentum).add_(self.momentum * _global_batch_mean(s[m].detach().float()).to(buf.dtype))
         z = torch.relu(self.squeeze(torch.cat([s[m] for m in self.modalities], dim=1)))
         z_cur = None
-        if curate is not None:
+        if curate is not None and self.curation == "squeeze":
             frozen = [s[m] if m == curate else getattr(self, f"running_{m}").to(s[m].dtype).expand_as(s[m])
                       for m in self.modalities]
             z_cur = torch.relu(self.squeeze(torch.cat(frozen, dim=1)))
+        gates = {m: 2 * torch.sigmoid(self.excite[m](z_cur if m == curate and z_cur is not None else z))
+                 for m in self.modalities}
+        if self.training:
+            with torch.no_grad():  # the cumulative mean includes this batch, as the official update order
+                n = float(self.gate_steps)
+                for m in self.modalities:
+                    buf = getattr(self, f"gate_{m}")
+                    buf.copy_((_global_batch_mean(gates[m].detach().float()).to(buf.dtype) + buf * n) / (n + 1))
+                self.gate_steps.add_(1)
         out = {}
         for m in self.modalities:
-            e = 2 * torch.sigmoid(self.excite[m](z_cur if m == curate else z))
+            e = gates[m]
+            if curate == m and self.curation == "gate":
+                e = getattr(self, f"gate_{m}").to(e.dtype).expand_as(e)
             out[m] = hs[m] * (e.unsqueeze(1) if hs[m].dim() == 3 else e)
         return out
 
@@ -110,6 +141,16 @@ class MMTMClassifier(MultimodalClassifier):
         """The cross-modal path into modality m: its excitation layer in every MMTM block."""
         return [(f"mmtm.{i}.excite.{modality}.{n}", p) for i, b in enumerate(self.mmtm)
                 for n, p in b.excite[modality].named_parameters()]
+
+    def shared_bypass_parameters(self):
+        """The joint squeeze layers, on every modality's cross-modal path (the official BDR counts them for both)."""
+        return [(f"mmtm.{i}.squeeze.{n}", p) for i, b in enumerate(self.mmtm) for n, p in b.squeeze.named_parameters()]
+
+    def set_curation(self, mechanism: str) -> None:
+        if mechanism not in ("gate", "squeeze"):
+            raise ValueError(f"MMTM curation must be 'gate' or 'squeeze', got {mechanism!r}")
+        for block in self.mmtm:
+            block.curation = mechanism
 
     def modality_parameters(self, modality: str):
         yield from encoder_parameters(self.encoders, self.modalities, modality)

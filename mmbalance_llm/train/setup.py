@@ -65,24 +65,32 @@ def make_optimizer(model, cfg):
             (no_decay if p.dim() < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate)
 
 
-def make_scheduler(optimizer, cfg, steps_per_epoch: int):
-    """LR schedule in optimizer steps of the whole run (Accelerate steps it once per process and step,
-    so `steps_per_epoch` counts the unsharded loader)."""
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = cfg.warmup_steps
+def make_scheduler(optimizer, cfg, steps_per_epoch: int, total_steps: int, num_processes: int = 1):
+    """The learning-rate schedule over `total_steps` optimizer steps (per process), or None for a constant
+    rate without warm-up (a scheduler that multiplies by 1 costs a call per step and buys nothing).
+
+    Accelerate steps a prepared scheduler once per process and optimizer step, so the schedule is laid out
+    in `num_processes` x optimizer steps. The warm-up and the cosine / linear shapes are transformers'."""
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+    if cfg.lr_scheduler_type == "constant" and not warmup:
+        return None
+    n = num_processes
+    total, warmup = max(1, total_steps * n), warmup * n
 
     def factor(step: int) -> float:
         if warmup and step < warmup:
-            return (step + 1) / warmup
-        if cfg.scheduler == "cosine":
+            return step / warmup
+        if cfg.lr_scheduler_type == "cosine":
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
             return 0.5 * (1 + math.cos(math.pi * progress))
-        if cfg.scheduler == "step":
-            return cfg.gamma ** (step // max(1, cfg.step_size_epochs * steps_per_epoch))
+        if cfg.lr_scheduler_type == "linear":
+            return max(0.0, (total - step) / max(1, total - warmup))
+        if cfg.lr_scheduler_type == "step":
+            return cfg.gamma ** (step // max(1, cfg.step_size_epochs * steps_per_epoch * n))
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

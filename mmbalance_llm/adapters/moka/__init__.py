@@ -15,8 +15,9 @@ from mmbalance_llm.adapters.moka.config import MOKA_PEFT_TYPE, MokaConfig  # noq
 from mmbalance_llm.adapters.moka.layer import MokaLinear  # noqa: E402
 from mmbalance_llm.adapters.moka.masks import MokaMaskContext  # noqa: E402
 from mmbalance_llm.adapters.moka.model import MokaModel  # noqa: E402
+from mmbalance_llm.adapters.moka.template import answer_marker_ids  # noqa: E402
 
 register_moka()
 
 __all__ = ["MokaConfig", "MokaModel", "MokaLinear", "MokaMaskContext", "MOKA_PEFT_TYPE", "load_moka",
-           "register_moka", "check_peft_version"]
+           "register_moka", "check_peft_version", "answer_marker_ids"]

@@ -6,7 +6,29 @@ from typing import Optional, Union
 
 from peft import LoraConfig
 
-MOKA_PEFT_TYPE = "MOKA"
+
+
+class MokaPeftType(str):
+    """MokA's ``peft_type``: the string ``"MOKA"`` that also answers like a ``peft.PeftType`` member.
+
+    peft's ``PeftType`` enum is closed, and adding a member would mean editing CPython enum internals of another
+    library. This ``str`` subclass equals and hashes as ``"MOKA"`` (so peft's mappings, ``==`` checks and
+    ``adapter_config.json`` see the plain string) and has the ``.value`` / ``.name`` that transformers'
+    ``load_adapter``, peft's hotswap / mixed-model checks and model-card code read.
+    """
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+    @property
+    def name(self) -> str:
+        return str.__str__(self)
+
+
+MOKA_PEFT_TYPE = MokaPeftType("MOKA")
 KNOWN_MODALITIES = ("image", "video", "audio")
 
 
@@ -54,6 +76,19 @@ class MokaConfig(LoraConfig):
                           "before the answer (reference code); False: all prompt text before the answer."},
     )
 
+    modality_token_ids: Optional[dict[str, int]] = field(
+        default=None,
+        metadata={"help": "Placeholder token id of each modality in the model the adapter was made for (filled "
+                          "when the adapter is created). Loading onto a base whose ids differ is refused."},
+    )
+
+    answer_marker_ids: Optional[list[int]] = field(
+        default=None,
+        metadata={"help": "Token ids of the chat template's assistant header (e.g. 'ASSISTANT:'), from "
+                          "mmbalance_llm.adapters.moka.answer_marker_ids(processor). Used only when labels also "
+                          "supervise the prompt (TRL on 'messages' data): the question ends at this header."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = MOKA_PEFT_TYPE
@@ -72,3 +107,8 @@ class MokaConfig(LoraConfig):
         from mmbalance_llm.adapters.moka.layer import MokaLinear
 
         self._register_custom_module({nn.Linear: MokaLinear})
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["peft_type"] = str.__str__(self.peft_type)  # plain "MOKA" for JSON / YAML writers
+        return d

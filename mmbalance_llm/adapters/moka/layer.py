@@ -59,6 +59,9 @@ class MokaLinear(LoraLinear):
     def get_delta_weight(self, adapter) -> torch.Tensor:
         raise ValueError(MERGE_REFUSED)
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return False  # no single low-rank delta exists (see MERGE_REFUSED)
+
     def _mixed_batch_forward(self, *args, **kwargs):
         raise ValueError("MokA does not support per-sample adapter_names (mixed-adapter batches)")
 

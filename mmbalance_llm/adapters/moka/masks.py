@@ -16,12 +16,15 @@ Question positions (the keys/values of the cross-attention) follow the reference
 positions after the sample's last media token, before its first supervised answer token (``labels != -100``),
 and not padding. When no text follows the media, all text before the answer is used. Without ``labels`` every
 prompt position counts, so **pass labels whenever the input contains the answer** (the SFT loop does);
-otherwise media tokens could attend to answer text.
+otherwise media tokens could attend to answer text. When labels supervise the prompt too (TRL on ``messages``
+data), the answer starts after the configured assistant header (``MokaConfig.answer_marker_ids``); a batch
+with media but no question tokens warns once.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -51,35 +54,70 @@ def _pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, torch.gather(mask, 1, idx)
 
 
+def _first_match_after(input_ids: torch.Tensor, marker: Sequence[int], after: torch.Tensor) -> torch.Tensor:
+    """[B] end position (exclusive) of the first occurrence of ``marker`` starting after ``after`` [B]; T if none."""
+    B, T = input_ids.shape
+    L = len(marker)
+    if L == 0 or L > T:
+        return torch.full((B,), T, device=input_ids.device)
+    pat = torch.as_tensor(list(marker), device=input_ids.device, dtype=input_ids.dtype)
+    hit = (input_ids.unfold(1, L, 1) == pat).all(-1)  # [B, T-L+1]: marker starts here
+    start = torch.arange(T - L + 1, device=input_ids.device).expand(B, -1)
+    hit = hit & (start > after[:, None])
+    return torch.where(hit.any(1), torch.where(hit, start, T).min(1).values + L, torch.full((B,), T, device=hit.device))
+
+
 def question_mask(mod_ids: torch.Tensor, labels: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                  after_media: bool = True) -> torch.Tensor:
-    """Bool [B,T]: the text positions the media rows may attend to (never an answer token, never padding)."""
+                  after_media: bool = True, input_ids: torch.Tensor | None = None,
+                  answer_marker: Sequence[int] | None = None) -> torch.Tensor:
+    """Bool [B,T]: the text positions the media rows may attend to (never an answer token, never padding).
+
+    When ``labels`` also supervise the prompt (a sample's first supervised token is not after its last media
+    token, as in TRL's ``messages`` collation), the answer is taken to start after the first ``answer_marker``
+    (the chat template's assistant header, e.g. the ids of ``"ASSISTANT:"``) that follows the media; without a
+    marker match such a sample has no question tokens.
+    """
     B, T = mod_ids.shape
     pos = torch.arange(T, device=mod_ids.device).expand(B, T)
     text = mod_ids == MODALITY_IDS["text"]
     if attention_mask is not None:
         text = text & attention_mask.bool()
+    media_all = mod_ids != MODALITY_IDS["text"]
     if labels is not None:
         sup = labels != -100
         first_ans = torch.where(sup.any(1), torch.where(sup, pos, T).min(1).values, torch.full((B,), T, device=pos.device))
+        last_media_all = torch.where(media_all, pos, -1).max(1).values
+        covers_prompt = (last_media_all >= 0) & (first_ans <= last_media_all)
+        if answer_marker and input_ids is not None and bool(covers_prompt.any()):
+            marker_end = _first_match_after(input_ids, answer_marker, last_media_all)
+            first_ans = torch.where(covers_prompt & (marker_end < T), marker_end, first_ans)
     else:
         first_ans = torch.full((B,), T, device=pos.device)
     before = text & (pos < first_ans[:, None])
     if not after_media:
         return before
-    media = (mod_ids != MODALITY_IDS["text"]) & (pos < first_ans[:, None])
+    media = media_all & (pos < first_ans[:, None])
     last_media = torch.where(media, pos, -1).max(1).values
     after = before & (pos > last_media[:, None])
     # samples whose question precedes the media: fall back to all prompt text
     return torch.where(after.any(1, keepdim=True), after, before)
 
 
+NO_QUESTION_WARNING = ("MokA: {n} of {b} samples with media tokens have no question tokens, so their cross-attention "
+                       "is off (labels cover the prompt and MokaConfig.answer_marker_ids found no assistant header "
+                       "after the media); mask the prompt in labels or set answer_marker_ids="
+                       "mmbalance_llm.adapters.moka.answer_marker_ids(processor)")
+
+
 class MokaMaskContext:
     """Masks of the current forward, shared by the MokA layers of one model."""
 
-    def __init__(self, model_config: Any, question_after_media: bool = True):
+    def __init__(self, model_config: Any, question_after_media: bool = True,
+                 answer_marker: Sequence[int] | None = None):
         self.model_config = model_config
         self.question_after_media = question_after_media
+        self.answer_marker = tuple(answer_marker or ())
+        self._warned = False
         self.clear()
 
     def clear(self) -> None:
@@ -105,8 +143,16 @@ class MokaMaskContext:
         am = am if isinstance(am, torch.Tensor) and am.shape == mod_ids.shape else None
         labels = batch.get("labels")
         labels = labels if isinstance(labels, torch.Tensor) and labels.shape == mod_ids.shape else None
-        qm = question_mask(mod_ids, labels, am, self.question_after_media)
+        ids = batch.get("input_ids")
+        ids = ids if isinstance(ids, torch.Tensor) and ids.shape == mod_ids.shape else None
+        qm = question_mask(mod_ids, labels, am, self.question_after_media, ids, self.answer_marker)
         q_idx, q_valid = _pack(qm)
+        if not self._warned:
+            has_media = (mod_ids != MODALITY_IDS["text"]).any(1)
+            n = int((has_media & ~qm.any(1)).sum())
+            if n:  # once per model: the cross-attention silently off is what this is for
+                self._warned = True
+                warnings.warn(NO_QUESTION_WARNING.format(n=n, b=int(has_media.sum())), stacklevel=2)
         for mid in mod_ids.unique().tolist():
             if mid == MODALITY_IDS["text"]:
                 continue

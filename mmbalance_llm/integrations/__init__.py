@@ -1,0 +1,1 @@
+"""Glue for third-party tools that load models trained here (lmms-eval)."""

@@ -1,0 +1,124 @@
+"""One-time preprocessing of chat data for SFT: chat template, tokenisation and media processing run once per
+split through `datasets.map` (fingerprinted by the records, the media files, the processor and the settings;
+cached on disk; `num_proc` honoured), never per epoch. Training batches are then only padded.
+
+A row of the preprocessed split holds `input_ids`, `labels`, `mm_token_type_ids` and, per media tensor the
+processor returns (`pixel_values`, `image_grid_thw`, `input_features`, ...), the flat values of each media
+item with its shape: `<key>` and `<key>__shape`."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+CACHE_VERSION = "sft-preprocess-1"  # bump when the encoding changes, so old caches are not reused
+_INT_KEYS = ("image_grid_thw", "video_grid_thw", "feature_attention_mask")
+
+
+def _media_stat(path: str) -> list:
+    try:
+        st = os.stat(path)
+        return [path, st.st_size, int(st.st_mtime_ns)]
+    except OSError:
+        return [path, None, None]
+
+
+def fingerprint(records: list, settings: dict) -> str:
+    """A stable hash of what the preprocessing output depends on."""
+    h = hashlib.sha256(CACHE_VERSION.encode())
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for r in records:
+        h.update(json.dumps(r, sort_keys=True, default=str).encode())
+        videos = [p for v in r.get("videos") or [] for p in ([v] if isinstance(v, str) else v)]
+        for p in list(r.get("images") or []) + list(r.get("audios") or []) + videos:
+            h.update(json.dumps(_media_stat(p)).encode())
+    return h.hexdigest()[:32]
+
+
+def processor_identity(name_or_path: str) -> list:
+    """What identifies a processor: its folder's config files (size and mtime), or the hub id."""
+    if os.path.isdir(name_or_path):
+        names = sorted(f for f in os.listdir(name_or_path) if f.endswith((".json", ".jinja", ".model", ".txt")))
+        return [_media_stat(os.path.join(name_or_path, f)) for f in names]
+    return [name_or_path]
+
+
+def media_keys(collator, records: list, where: str) -> dict:
+    """{tensor key: is_integer} of every media tensor this processor produces for these records (probed on
+    the first record of each media kind)."""
+    keys = {}
+    for kind in ("images", "audios", "videos"):
+        rec = next((r for r in records if r.get(kind)), None)
+        if rec is None:
+            continue
+        media = collator._media_tokens(rec, f"{where} (id={rec.get('id')})")
+        for items in media.values():
+            for _, tensors in items:
+                for k, v in tensors.items():
+                    keys[k] = not v.is_floating_point()
+    return keys
+
+
+def encoding_to_row(enc: dict, keys: dict) -> dict:
+    row = {"input_ids": enc["input_ids"].tolist(), "labels": enc["labels"].tolist(),
+           "mm_token_type_ids": enc["mm_token_type_ids"].tolist()}
+    for k in keys:
+        row[k], row[f"{k}__shape"] = [], []
+    for mod in sorted(enc["media"]):
+        for _, tensors in enc["media"][mod]:
+            for k, v in tensors.items():
+                row[k].append(v.detach().float().reshape(-1).numpy())
+                row[f"{k}__shape"].append(list(v.shape))
+    return row
+
+
+def features_for(keys: dict):
+    import datasets
+
+    feats = {"input_ids": datasets.Sequence(datasets.Value("int64")),
+             "labels": datasets.Sequence(datasets.Value("int64")),
+             "mm_token_type_ids": datasets.Sequence(datasets.Value("int8"))}
+    for k in keys:
+        feats[k] = datasets.Sequence(datasets.Sequence(datasets.Value("float32")))
+        feats[f"{k}__shape"] = datasets.Sequence(datasets.Sequence(datasets.Value("int64")))
+    return datasets.Features(feats)
+
+
+def row_to_encoding(row: dict, keys: dict) -> dict:
+    """A preprocessed row back to what `ChatCollator.pad` takes."""
+    import torch
+
+    enc = {k: torch.tensor(np.asarray(row[k], dtype=np.int64))
+           for k in ("input_ids", "labels", "mm_token_type_ids")}
+    items = []
+    for k, is_int in keys.items():
+        for values, shape in zip(row[k], row[f"{k}__shape"]):
+            t = torch.tensor(np.asarray(values, dtype=np.float32).reshape([int(s) for s in shape]))
+            items.append((0, {k: t.long() if is_int else t}))
+    # `pad` concatenates each key's tensors in item order, whatever modality an item is filed under
+    enc["media"] = {"image": items, "audio": []}
+    return enc
+
+
+def preprocess_split(collator, records: list, name: str, where: str, settings: dict, cache_dir: str,
+                     num_proc=None, keys: dict | None = None):
+    """The preprocessed `datasets.Dataset` of one split (from the cache when nothing changed)."""
+    import datasets
+
+    keys = keys if keys is not None else media_keys(collator, records, where)
+    fp = fingerprint(records, {**settings, "split": name, "keys": sorted(keys)})
+    os.makedirs(cache_dir, exist_ok=True)
+    cache_file = os.path.join(cache_dir, f"{name}-{fp}.arrow")
+    ds = datasets.Dataset.from_list([{"record": json.dumps(r)} for r in records])
+
+    def encode(example, idx):
+        rec = json.loads(example["record"])
+        return encoding_to_row(collator.encode(rec, where=f"{where}: sample {idx} (id={rec.get('id')})"), keys)
+
+    mapped = ds.map(encode, with_indices=True, remove_columns=["record"], features=features_for(keys),
+                    cache_file_name=cache_file, load_from_cache_file=True, new_fingerprint=fp,
+                    num_proc=num_proc if num_proc and num_proc > 1 and len(records) > 1 else None,
+                    desc=f"preprocessing {name}")
+    return mapped.with_format("numpy"), keys
