@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                 if not os.path.isfile(recipe):
                     recipe = os.path.join(ROOT, "recipes", "synthetic", "baseline.yaml")
                 overrides = [f"data.path={data}", f"output_dir={out}", f"train.seed={seed}",
-                             f"train.epochs={args.epochs}", "train.progress=false", "train.plots=false",
+                             f"train.num_train_epochs={args.epochs}", "train.progress=false", "train.plots=false",
                              f"balance.method={method}", *args.extra]
                 if name.startswith("alone-"):
                     overrides.append(f"data.modalities=[{name[len('alone-'):]}]")
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
             used = read_yaml(os.path.join(out, "config.yaml"))  # the recipe the run really used
             return name, {"seed": seed, "test": final["test"], "timing": timing, "maxrss_mb": res["maxrss_mb"],
                           "best_epoch": final.get("best_epoch"), "balance": used.get("balance"),
-                          "epochs": used.get("train", {}).get("epochs")}
+                          "epochs": used.get("train", {}).get("num_train_epochs", used.get("train", {}).get("epochs"))}
 
         runs = {}
         with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--pairs: '{pair_text}' is not VIEW+VIEW with views from {', '.join(VIEWS)}")
         tag = "_".join(pair)
         data = write_pair(pair, os.path.join(args.work_dir, "data", tag))
-        overrides = SMALL_MODEL + [f"train.epochs={args.epochs}", "train.plots=false", *args.extra]
+        overrides = SMALL_MODEL + [f"train.num_train_epochs={args.epochs}", "train.plots=false", *args.extra]
         summary = run_compare(os.path.join(args.work_dir, tag), methods=methods, seeds=seeds,
                               recipes_dir=os.path.join(ROOT, "recipes", "synthetic"), data_path=data,
                               overrides=overrides, jobs=args.jobs, echo=lambda *a: print(*a, flush=True))

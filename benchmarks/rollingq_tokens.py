@@ -57,7 +57,7 @@ def main(argv=None) -> int:
                              train_size=args.train_size, validation_size=400, test_size=400)
         for i, (name, (recipe, extra)) in enumerate({**VARIANTS, **({} if args.no_alone else ALONE)}.items()):
             out = os.path.join(args.work_dir, f"v{i}-seed{seed}")
-            overrides = [f"data.path={data}", f"output_dir={out}", f"train.seed={seed}", f"train.epochs={args.epochs}",
+            overrides = [f"data.path={data}", f"output_dir={out}", f"train.seed={seed}", f"train.num_train_epochs={args.epochs}",
                          "train.progress=false", "train.plots=false", "train.shapley=false", *args.extra, *extra]
             jobs.append((name, seed, out, os.path.join(ROOT, "recipes", "fusion_transformer", f"{recipe}.yaml"),
                          overrides))

@@ -72,7 +72,7 @@ def test_compare_cli_rejects_bad_arguments_in_one_line(capsys, tmp_path):
 def test_compare_builds_each_method_from_its_recipe_in_parallel_processes(tiny_data, tmp_path):
     out = tmp_path / "cmp"
     code = main(["compare", "--data", tiny_data(), "--recipes", RECIPES, "--methods", "none,relearning",
-                 "--seeds", "0", "--jobs", "2", "--output-dir", str(out), "train.epochs=2",
+                 "--seeds", "0", "--jobs", "2", "--output-dir", str(out), "train.num_train_epochs=2",
                  "model.hidden_dim=32", "model.feature_dim=16", "train.plots=false"])
     assert code == 0
     summary = json.loads((out / "compare.json").read_text())
@@ -84,3 +84,12 @@ def test_compare_builds_each_method_from_its_recipe_in_parallel_processes(tiny_d
     assert "**relearning**" in table  # 2 epochs never reach the recipe's first reset (epoch 5)
     for name in ("curves.png", "pareto.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_an_override_in_either_spelling_replaces_the_recipes_key():
+    from mmbalance_llm.compare import apply_run_overrides
+
+    raw = {"train": {"num_train_epochs": 15, "learning_rate": 1e-3}}
+    out = apply_run_overrides(raw, ["train.epochs=2", "train.lr=0.1"])
+    assert out["train"] == {"epochs": 2, "lr": 0.1}
+    assert apply_run_overrides({"train": {"epochs": 15}}, ["train.num_train_epochs=3"])["train"] == {"num_train_epochs": 3}
