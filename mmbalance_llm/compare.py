@@ -186,6 +186,22 @@ def stale_checkpoint_warnings(rows: dict, seeds: list) -> list:
     return notes
 
 
+def same_as_baseline(results: dict, baseline: str = "none") -> list:
+    """One line per method whose test metrics equal the baseline's exactly on some seed (same seed): the
+    method changed nothing the evaluation can see."""
+    keys = ("accuracy", "macro_f1", "unimodal_accuracy", "unimodal_probe_accuracy", "imbalance")
+    base = {r.get("seed"): r.get("test") or {} for r in results.get(baseline, [])}
+    notes = []
+    for name, runs in results.items():
+        if name == baseline:
+            continue
+        same = [str(r.get("seed")) for r in runs if r.get("seed") in base and r.get("test")
+                and all(r["test"].get(k) == base[r["seed"]].get(k) for k in keys)]
+        if same:
+            notes.append(f"- **{name}**: test metrics identical to `{baseline}` on seed(s) {', '.join(same)}.")
+    return notes
+
+
 def _worker_setup(threads: int) -> None:
     import torch
 
@@ -300,12 +316,15 @@ def run_compare(output_dir: str, methods=DEFAULT_METHODS, seeds=(0,), recipe_pat
             alone_rows[m] = {"accuracy": mean, "accuracy_std": std}
     rows = summarise(results, modalities)
     warnings = stale_checkpoint_warnings(rows, list(seeds))
+    identical = same_as_baseline(results)
     table = markdown_table(rows, modalities, alone_rows)
     if warnings:
         table += "\nCheckpoints chosen before the method acted:\n\n" + "\n".join(warnings) + "\n"
+    if identical:
+        table += "\nMethods whose runs equal the baseline's:\n\n" + "\n".join(identical) + "\n"
     summary = {"modalities": modalities, "seeds": list(seeds), "rows": rows, "alone": alone_rows,
                "runs": {k: [r["output_dir"] for r in v] for k, v in results.items()},
-               "warnings": warnings, "world_size": state.num_processes, "jobs": jobs,
+               "warnings": warnings, "same_as_baseline": identical, "world_size": state.num_processes, "jobs": jobs,
                "recipes": recipes_dir}
     if main:
         from mmbalance_llm.eval.plots import plot_compare_curves, plot_pareto

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from mmbalance_llm.cli import main
-from mmbalance_llm.compare import markdown_table, method_recipes, stale_checkpoint_warnings, summarise
+from mmbalance_llm.compare import (markdown_table, method_recipes, same_as_baseline, stale_checkpoint_warnings,
+                                   summarise)
 from mmbalance_llm.config import RecipeError, read_yaml
 from mmbalance_llm.eval.activity import active_at, first_active_epoch
 
@@ -40,6 +41,7 @@ def test_table_flags_a_checkpoint_chosen_inside_the_warm_up_and_shows_no_spread_
     results = {"none": [_final("none", 0, 5, 0.7)],
                "ogm": [_final("ogm", 0, 4, 0.7, {"modulation_starts": 6}, step=0.02)],
                "unimodal_aux": [_final("unimodal_aux", 0, 8, 0.75)]}
+    results["unimodal_aux"][0]["test"]["unimodal_accuracy"] = {"a": 0.8, "b": 0.5}
     rows = summarise(results, ["a", "b"])
     assert rows["ogm"]["active_at_best"] == [False] and rows["unimodal_aux"]["active_at_best"] == [True]
     assert rows["ogm"]["step_time_ratio"] == pytest.approx(2.0)
@@ -50,6 +52,8 @@ def test_table_flags_a_checkpoint_chosen_inside_the_warm_up_and_shows_no_spread_
     assert "0/1 (acts from 7)" in table
     warnings = stale_checkpoint_warnings(rows, [0])
     assert len(warnings) == 1 and "ogm" in warnings[0] and "(7)" in warnings[0]
+    same = same_as_baseline(results)
+    assert len(same) == 1 and "**ogm**" in same[0] and "seed(s) 0" in same[0]
 
 
 def test_recipes_dir_must_hold_every_method():
