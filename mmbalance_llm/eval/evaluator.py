@@ -123,6 +123,8 @@ def linear_probe(train_feats: dict, train_labels, num_classes: int, steps: int =
 def unimodal_probes(model, probe_loader, accelerator, modalities, num_classes, res, train=None, seed=0) -> dict:
     """`unimodal_probe_accuracy` and `imbalance_probe` of the evaluated split `res` (a `collect` result
     with features); `train` is the training split's `collect` result when already at hand."""
+    if not res.get("features"):  # a model without per-modality features: nothing to probe
+        return {}
     if train is None:
         train = collect(model, probe_loader, accelerator, modalities, want_features=True)
     return probe_metrics(train["features"], train["labels"], res["features"], res["labels"], num_classes, seed=seed)
