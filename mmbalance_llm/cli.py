@@ -8,6 +8,8 @@
     mmbalance make-data tiny-model {llava,qwen2_vl,qwen2_5_vl,qwen2_audio,all} OUT_DIR
     mmbalance make-data diagnostic OUT_DIR         (reliance benchmark with ground truth, all formats)
     mmbalance make-data from-arrays OUT_DIR --input FILE.npz|csv|parquet [--view NAME=SPEC ...] [--label y]
+    mmbalance make-data {cremad,kinetics-sounds,ave,vggsound,ucf101,food101,mosei} RAW_DIR OUT  (raw datasets)
+    mmbalance make-data raw-replica {cremad,...,all} OUT   (miniature raw layouts for tests)
     mmbalance attribute --model PATH --data PATH  (token-level modality attribution: JSON + HTML + PNG)
     mmbalance reliance --model PATH --benchmark FILE
     mmbalance methods
@@ -27,6 +29,14 @@ DELEGATED = {
     ("make-data", "tiny-model"): "mmbalance_llm.models.tiny:main",
     ("make-data", "diagnostic"): "mmbalance_llm.data.diagnostic:main",
     ("make-data", "from-arrays"): "mmbalance_llm.data.from_arrays:main",
+    ("make-data", "raw-replica"): "mmbalance_llm.data.raw_replica:main",
+    ("make-data", "cremad"): "mmbalance_llm.data.raw_converters:cremad_main",
+    ("make-data", "kinetics-sounds"): "mmbalance_llm.data.raw_converters:kinetics_sounds_main",
+    ("make-data", "ave"): "mmbalance_llm.data.raw_converters:ave_main",
+    ("make-data", "vggsound"): "mmbalance_llm.data.raw_converters:vggsound_main",
+    ("make-data", "ucf101"): "mmbalance_llm.data.raw_converters:ucf101_main",
+    ("make-data", "food101"): "mmbalance_llm.data.raw_converters:food101_main",
+    ("make-data", "mosei"): "mmbalance_llm.data.raw_converters:mosei_main",
     ("attribute",): "mmbalance_llm.attribution.cli:attribute_main",
     ("reliance",): "mmbalance_llm.eval.reliance_cli:reliance_main",
 }

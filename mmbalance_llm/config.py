@@ -91,6 +91,18 @@ class DataConfig:
     train_split: str = _help("Split used for training.", default="train")
     validation_split: str = _help("Split that chooses checkpoints and feeds held-out statistics.", default="validation")
     test_split: str = _help("Split read once at the end for the final report.", default="test")
+    media: dict = _help(
+        "Raw-media columns: {column: {kind: image|audio|video|text, processor: ..., ...}} (see "
+        "mmbalance_llm.data.media_columns.MediaSpec); merged key by key over the data folder's media.json.",
+        default_factory=dict,
+    )
+    media_cache_dir: Optional[str] = _help(
+        "Where the preprocessed media splits are cached (default: <data.path>/.media_cache).", default=None
+    )
+    media_in_memory_gb: Optional[float] = _help(
+        "Hold a preprocessed media split in memory when its cache is at most this many GiB (else read it "
+        "memory-mapped, batch by batch); null: always memory-mapped.", default=2.0
+    )
 
 
 # ------------------------------------------------------------------------------------------ sft
@@ -284,10 +296,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), parsed
 
 
+def _same_setting(section: str, key: str) -> list:
+    """Every spelling (section, key) of the setting `section.key` names: its canonical key and its aliases."""
+    canonical = ALIASES.get((section, key), (section, key))
+    return [canonical] + [old for old, new in ALIASES.items() if new == canonical]
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `dotted.key=value` overrides. An override replaces the setting under whatever spelling the recipe
+    used (`train.epochs=5` on a recipe that says `num_train_epochs: 15`)."""
     raw = copy.deepcopy(raw)
     for text in overrides or []:
         path, value = parse_override(text)
+        if len(path) == 2:
+            for sec, key in _same_setting(*path):
+                node = raw.get(sec)
+                if (sec, key) != tuple(path) and isinstance(node, dict):
+                    node.pop(key, None)
         node = raw
         for part in path[:-1]:
             if node.get(part) is None:

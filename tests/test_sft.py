@@ -107,8 +107,10 @@ def test_recipe_errors_are_clear(tmp_path):
         load_sft_recipe(base, ["train.num_train_epoch=2"])
     with pytest.raises(RecipeError, match="balance.method 'ogm_ge' supports task classify"):
         load_sft_recipe(base, ["balance.method=ogm_ge"])
-    with pytest.raises(RecipeError, match="name the same setting"):
-        load_sft_recipe(base, ["train.lr=0.1", "train.learning_rate=0.2"])
+    with pytest.raises(RecipeError, match="name the same setting"):  # both spellings in one recipe
+        load_sft_recipe({**base, "train": {**base["train"], "lr": 0.1}})
+    # an override replaces the setting whatever spelling the recipe used; the last override wins
+    assert load_sft_recipe(base, ["train.lr=0.1", "train.learning_rate=0.2"]).train.learning_rate == 0.2
     cfg = load_sft_recipe(base, ["train.lr=0.5", "eval.accuracy=generate", "train.grad_accum=2", "eval.batch_size=4"])
     assert cfg.train.learning_rate == 0.5 and cfg.eval.accuracy == "generate"
     assert cfg.train.gradient_accumulation_steps == 2 and cfg.train.per_device_eval_batch_size == 4

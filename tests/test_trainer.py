@@ -138,3 +138,72 @@ def test_token_sequences_train_with_transformer_encoders(tiny_data, run_tiny):
     model = trainer.accelerator.unwrap_model(trainer.model)
     assert type(model.encoders["audio"]).__name__ == "TransformerEncoder"
     assert final["test"]["accuracy"] >= 0.0
+
+
+def _tree_digest(folder):
+    import hashlib
+
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(root, f)
+            out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"metric_for_best_model": "bogus"}, "'train.metric_for_best_model' is 'bogus'"),
+    ({"logging_steps": 0}, "'train.logging_steps' must be >= 1"),
+    ({"max_steps": 0}, "'train.max_steps' must be >= 1"),
+    ({"grad_clip": -1}, "'train.grad_clip' must be > 0.0"),
+    ({"save_steps": -1}, "'train.save_steps' must be >= 1"),
+])
+def test_bad_values_are_refused_before_an_earlier_run_is_touched(tiny_data, tmp_path, override, message):
+    from mmbalance_llm.config import RecipeError
+
+    out = str(tmp_path / "run")
+    Trainer(recipe_from_dict(tiny_recipe(tiny_data(), out, train={"epochs": 1}))).fit()
+    before = _tree_digest(out)
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Trainer(recipe_from_dict(tiny_recipe(tiny_data(), out, train={"epochs": 1, **override})))
+    assert _tree_digest(out) == before
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_holder(tiny_data, tmp_path):
+    from mmbalance_llm.train.checkpoint import OutputLock
+
+    out = str(tmp_path / "run")
+    lock = OutputLock(out)
+    try:
+        with pytest.raises(RuntimeError, match=f"in use by another run \\(PID {os.getpid()}\\)"):
+            Trainer(recipe_from_dict(tiny_recipe(tiny_data(), out, train={"epochs": 1})))
+    finally:
+        lock.release()
+    Trainer(recipe_from_dict(tiny_recipe(tiny_data(), out, train={"epochs": 1}))).fit()  # free again
+    assert not os.path.exists(os.path.join(out, ".mmbalance.lock"))
+
+
+def test_a_torn_checkpoint_is_never_resumed_and_partial_folders_are_removed(tiny_data, tmp_path):
+    out = str(tmp_path / "run")
+    Trainer(recipe_from_dict(tiny_recipe(tiny_data(), out, train={"epochs": 2, "stop_after_steps": 8}))).fit()
+    # a kill while checkpoint-12 was being written leaves only its partial folder; an older layout without
+    # trainer_state.json is not a checkpoint either
+    os.makedirs(os.path.join(out, ".partial-checkpoint-12"))
+    open(os.path.join(out, ".partial-checkpoint-12", "optimizer.bin"), "wb").close()
+    os.makedirs(os.path.join(out, "checkpoint-13"))
+    trainer = Trainer(recipe_from_dict(tiny_recipe(tiny_data(), out, train={"epochs": 2, "resume_from": "latest"})))
+    assert trainer.resume_dir.endswith("checkpoint-8")
+    assert not os.path.exists(os.path.join(out, ".partial-checkpoint-12"))
+    trainer.fit()
+
+
+def test_train_help_lists_the_keys_of_the_recipes_task(capsys):
+    from mmbalance_llm.cli import main
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert main(["train", os.path.join(root, "recipes/llava/moka_sft_tiny.yaml"), "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "model.name_or_path" in text and "eval.accuracy" in text and "train.num_train_epochs = 3" in text
+    assert main(["train", os.path.join(root, "recipes/synthetic/ogm_ge.yaml"), "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "model.fusion" in text and "eval.accuracy" not in text

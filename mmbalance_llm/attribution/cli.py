@@ -110,6 +110,8 @@ def attribute_main(argv: list[str]) -> int:
         print(f"error: --model {a.model}: folder not found", file=sys.stderr)
         return 2
     adapter_dir = (Path(a.model) / "adapter_config.json").is_file()
+    import mmbalance_llm.models  # noqa: F401  (registers the toolkit's classifiers with AutoConfig / AutoModel)
+
     cfg = AutoConfig.from_pretrained(a.model) if (Path(a.model) / "config.json").is_file() else None
     opts = {"steps": a.steps, "baseline": a.baseline, "n_groups": a.n_groups, "n_permutations": a.n_permutations}
     from mmbalance_llm.models.modality_map import supported_model_types
@@ -121,7 +123,6 @@ def attribute_main(argv: list[str]) -> int:
         source = ((b, ids, ans, tok) for b, ids, ans, tok in _hf_batches(model, proc, a.data, a.limit, a.batch_size,
                                                                           a.media_dir))
     else:
-        import mmbalance_llm.models.classifier  # noqa: F401  (registers the classifier with AutoModel)
         from transformers import AutoModel
 
         model = AutoModel.from_pretrained(a.model)

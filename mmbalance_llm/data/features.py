@@ -186,8 +186,15 @@ def load_feature_data(cfg, num_classes: Optional[int] = None, seed: int = 0, dat
             raise DataError(f"split '{cfg.train_split}', column '{cfg.label_column}', row {row}: negative label")
         num_classes = int(train_labels.max()) + 1
 
+    from mmbalance_llm.data.media_columns import build_media_dataset, media_specs
+
+    media = media_specs(cfg, modalities)  # {} for float-array data
+
     def build(split: str) -> FeatureDataset:
         ds = raw[split]
+        if media:  # raw media: preprocessed once through datasets.map, cached (data/media_columns.py)
+            labels = label_tensor(ds, split, cfg.label_column, num_classes)
+            return build_media_dataset(cfg, ds, split, modalities, media, labels, split == cfg.train_split)
         tensors = {m: column_tensor(ds, split, m) for m in modalities}
         labels = label_tensor(ds, split, cfg.label_column, num_classes)
         return FeatureDataset(tensors, labels, split)

@@ -22,13 +22,22 @@ def evaluate_saved(model_dir: str, data_path: str, split: str = "test", batch_si
     if split not in raw:
         raise DataError(f"data '{data_path}' has no split '{split}'")
     ds = raw[split]
-    tensors = {m: column_tensor(ds, split, m) for m in model.modalities}
-    for m, t in tensors.items():
-        if list(t.shape[1:]) != list(model.config.input_shapes[m]):
-            raise DataError(f"split '{split}', column '{m}': rows have shape {list(t.shape[1:])}, "
-                            f"the model expects {model.config.input_shapes[m]}")
+    from mmbalance_llm.data.media_columns import build_media_dataset, media_specs, saved_run_data_config
+
+    data_cfg = saved_run_data_config(model_dir, data_path)  # raw media: the run's preprocessing
+    specs = media_specs(data_cfg, list(model.modalities))
     labels = label_tensor(ds, split, label_column, model.config.num_classes)
-    loader = DataLoader(FeatureDataset(tensors, labels, split), batch_size=batch_size, collate_fn=collate)
+    if specs:
+        dataset = build_media_dataset(data_cfg, ds, split, list(model.modalities), specs, labels, train=False)
+        shapes = dataset.input_shapes()
+    else:
+        dataset = FeatureDataset({m: column_tensor(ds, split, m) for m in model.modalities}, labels, split)
+        shapes = dataset.input_shapes()
+    for m, shape in shapes.items():
+        if list(shape) != list(model.config.input_shapes[m]):
+            raise DataError(f"split '{split}', column '{m}': rows have shape {list(shape)}, "
+                            f"the model expects {model.config.input_shapes[m]}")
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     if not model.has_unimodal_logits:
         raise DataError(f"model '{model_dir}' has fusion '{model.config.fusion}' without split logits; its unimodal "
                         f"accuracy needs a linear probe on training data (see the run's final_metrics.json)")

@@ -18,7 +18,7 @@ from mmbalance_llm.models.encoders import build_encoder
 from mmbalance_llm.models.fusion import build_fusion
 from mmbalance_llm.models.outputs import MultimodalOutput
 from mmbalance_llm.models.registry import register_architecture
-from mmbalance_llm.models.common import check_modality_inputs, encoder_parameters, register_auto
+from mmbalance_llm.models.common import check_modality_inputs, encoder_parameters, register_auto, keep_native_weight_names
 
 _ENCODER_KEYS = ("encoder", "feature_dim", "hidden_dim", "num_layers", "num_heads", "dropout", "hf_encoder")
 
@@ -58,11 +58,15 @@ class MultimodalClassifierConfig(PreTrainedConfig):
 
     def encoder_settings(self, modality: str) -> dict:
         """Global encoder settings merged with the per-modality overrides in `encoders[modality]`."""
+        from mmbalance_llm.models.media_encoders import MEDIA_ENCODER_DEFAULTS  # per-modality only
+
         settings = {k: getattr(self, k) for k in _ENCODER_KEYS}
+        settings.update(MEDIA_ENCODER_DEFAULTS)
         override = self.encoders.get(modality) or {}
-        unknown = set(override) - set(_ENCODER_KEYS)
+        unknown = set(override) - set(_ENCODER_KEYS) - set(MEDIA_ENCODER_DEFAULTS)
         if unknown:
-            raise ValueError(f"model.encoders.{modality}: unknown key(s) {sorted(unknown)}; valid: {list(_ENCODER_KEYS)}")
+            valid = list(_ENCODER_KEYS) + list(MEDIA_ENCODER_DEFAULTS)
+            raise ValueError(f"model.encoders.{modality}: unknown key(s) {sorted(unknown)}; valid: {valid}")
         if override.get("feature_dim", self.feature_dim) != self.feature_dim:
             raise ValueError(f"model.encoders.{modality}.feature_dim must equal model.feature_dim (the fusion input)")
         settings.update(override)
@@ -100,6 +104,7 @@ class MultimodalClassifier(PreTrainedModel):
             self.encoders[m] = build_encoder(settings["encoder"], config.input_shapes[m], settings)
         self.fusion = build_fusion(config.fusion, self.modalities, config.feature_dim, config.num_classes)
         self.post_init()
+        keep_native_weight_names(self)
 
     def _init_weights(self, module):
         # Keep PyTorch's default initialisation; HF encoders initialise themselves.

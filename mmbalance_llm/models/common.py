@@ -29,3 +29,10 @@ def register_auto(config_cls, model_cls) -> None:
         AutoModel.register(config_cls, model_cls)
     except ValueError:  # already registered (module re-imported)
         pass
+
+
+def keep_native_weight_names(model) -> None:
+    """Make `save_pretrained` write the live parameter names. Without this, transformers 5 renames the
+    weights of nested backbones that it knows (ViT, AST, ...) back to their legacy checkpoint names, and the
+    trainer's reload of `best/model.safetensors` into the live model would find no matching key."""
+    model._weight_conversions = []

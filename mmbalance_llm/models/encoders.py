@@ -97,8 +97,12 @@ def build_encoder(kind: str, in_shape, settings: dict) -> nn.Module:
     if kind == "transformer":
         return TransformerEncoder(in_shape, settings["hidden_dim"], settings["feature_dim"], settings["num_layers"],
                                   settings["num_heads"], settings["dropout"])
+    if kind == "resnet18" or (kind == "hf" and settings.get("name_or_path") is not None):
+        from mmbalance_llm.models.media_encoders import build_media_encoder  # raw media (data/media_columns.py)
+
+        return build_media_encoder(kind, in_shape, settings)
     if kind == "hf":
         if settings.get("hf_encoder") is None:
             raise ValueError("model.encoder is 'hf' but model.hf_encoder (path or config dict) is not set")
         return HFEncoder(in_shape, settings["feature_dim"], settings["hf_encoder"])
-    raise ValueError(f"unknown encoder {kind!r}; choose default, mlp, transformer or hf")
+    raise ValueError(f"unknown encoder {kind!r}; choose default, mlp, transformer, hf or resnet18")

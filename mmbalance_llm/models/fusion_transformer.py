@@ -35,7 +35,7 @@ from mmbalance_llm.models.classifier import MultimodalClassifierConfig
 from mmbalance_llm.models.encoders import HFEncoder, MLPEncoder, TransformerEncoder, build_encoder
 from mmbalance_llm.models.outputs import MultimodalOutput
 from mmbalance_llm.models.registry import register_architecture
-from mmbalance_llm.models.common import check_modality_inputs, encoder_parameters, register_auto
+from mmbalance_llm.models.common import check_modality_inputs, encoder_parameters, register_auto, keep_native_weight_names
 
 
 class FusionTransformerConfig(MultimodalClassifierConfig):
@@ -59,6 +59,8 @@ class TokenEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor):
         enc = self.inner
+        if hasattr(enc, "tokens_and_summary"):  # raw-media encoders (models/media_encoders.py)
+            return enc.tokens_and_summary(x)
         if isinstance(enc, TransformerEncoder):
             tokens = enc.out(enc.tokens(x))
             return tokens, tokens.mean(dim=1)
@@ -139,6 +141,7 @@ class FusionTransformer(PreTrainedModel):
         self.recording_diagnostics = False
         self._diag: dict = {}
         self.post_init()
+        keep_native_weight_names(self)
 
     def _init_weights(self, module):
         pass  # PyTorch defaults; the rotation buffer starts as the identity

@@ -23,7 +23,7 @@ from mmbalance_llm.models.classifier import MultimodalClassifier, MultimodalClas
 from mmbalance_llm.models.encoders import build_encoder
 from mmbalance_llm.models.outputs import MultimodalOutput
 from mmbalance_llm.models.registry import register_architecture
-from mmbalance_llm.models.common import register_auto
+from mmbalance_llm.models.common import register_auto, keep_native_weight_names
 
 
 class SharedHeadConfig(MultimodalClassifierConfig):
@@ -78,6 +78,7 @@ class SharedHeadClassifier(MultimodalClassifier):
             self.encoders[m] = build_encoder(settings["encoder"], config.input_shapes[m], settings)
         self.fusion = SharedHeadFusion(self.modalities, config.feature_dim, config.num_classes)
         self.post_init()
+        keep_native_weight_names(self)
 
     @property
     def head(self) -> nn.Linear:

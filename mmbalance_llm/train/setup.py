@@ -64,6 +64,9 @@ def make_optimizer(model, cfg):
         if p.requires_grad:
             (no_decay if p.dim() < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    from mmbalance_llm.models.param_groups import modality_lr_groups
+
+    groups = modality_lr_groups(model, groups)  # model.encoders.<m>.lr: per-modality learning rates
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate)
