@@ -27,7 +27,7 @@ import os
 import statistics
 import multiprocessing
 
-from mmbalance_llm.config import RecipeError, apply_overrides, parse_override, read_yaml, recipe_from_dict
+from mmbalance_llm.config import RecipeError, apply_overrides, read_yaml, recipe_from_dict
 from mmbalance_llm.eval.activity import active_at, first_active_epoch
 from mmbalance_llm.train.io import write_json_atomic, write_text_atomic
 
@@ -59,25 +59,6 @@ def _fmt(mean, std, pct=True) -> str:
     digits = 1 if pct else 3
     text = f"{mean * scale:.{digits}f}"
     return text if std is None else f"{text} ± {std * scale:.{digits}f}"
-
-
-def apply_run_overrides(raw: dict, overrides: list | None) -> dict:
-    """`apply_overrides`, where an override spelled one way (`train.epochs=2`) replaces the recipe's key
-    spelled the other way (`train.num_train_epochs: 15`) instead of clashing with it."""
-    from mmbalance_llm.config import ALIASES
-
-    raw = apply_overrides(raw, overrides or [])
-    for text in overrides or []:
-        path, _ = parse_override(text)
-        if len(path) != 2 or not isinstance(raw.get(path[0]), dict):
-            continue
-        section, key = path
-        same = {new for (s, old), (ns, new) in ALIASES.items() if s == ns == section and old == key}
-        same |= {old for (s, old), (ns, new) in ALIASES.items() if s == ns == section and new == key}
-        same |= {old for (s, old), (ns, new) in ALIASES.items() if s == ns == section and new in same}
-        for other in same - {key}:
-            raw[section].pop(other, None)
-    return raw
 
 
 def method_recipes(methods, recipes_dir: str | None, base: dict) -> dict:
@@ -247,13 +228,13 @@ def run_compare(output_dir: str, methods=DEFAULT_METHODS, seeds=(0,), recipe_pat
     baseline = baseline_recipe(recipes_dir, base)
     for name, extra in (method_params or {}).items():
         recipes[name].setdefault("balance", {}).update(extra)
-    if data_path is None and recipes_dir is None and not (apply_run_overrides(base, overrides).get("data")
+    if data_path is None and recipes_dir is None and not (apply_overrides(base, overrides or []).get("data")
                                                           or {}).get("path"):
         with state.main_process_first():  # one process writes the data, the others then read it
             data_path = ensure_preset(os.path.join(output_dir, "data", preset), preset=preset)
 
     def prepare(name: str, seed: int, raw: dict, extra: dict | None = None) -> dict:
-        raw = apply_run_overrides(raw, overrides)
+        raw = apply_overrides(raw, overrides or [])
         if data_path is not None:
             raw.setdefault("data", {})["path"] = data_path
         raw.setdefault("train", {})["seed"] = seed

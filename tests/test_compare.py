@@ -89,11 +89,3 @@ def test_compare_builds_each_method_from_its_recipe_in_parallel_processes(tiny_d
     for name in ("curves.png", "pareto.png"):
         assert (out / name).stat().st_size > 0
 
-
-def test_an_override_in_either_spelling_replaces_the_recipes_key():
-    from mmbalance_llm.compare import apply_run_overrides
-
-    raw = {"train": {"num_train_epochs": 15, "learning_rate": 1e-3}}
-    out = apply_run_overrides(raw, ["train.epochs=2", "train.lr=0.1"])
-    assert out["train"] == {"epochs": 2, "lr": 0.1}
-    assert apply_run_overrides({"train": {"epochs": 15}}, ["train.num_train_epochs=3"])["train"] == {"num_train_epochs": 3}
