@@ -44,6 +44,7 @@ def run_tracked(recipe: str, overrides: list, env: dict) -> dict:
 
 def main(argv=None) -> int:
     from mmbalance_llm.balance import available_methods
+    from mmbalance_llm.config import read_yaml
     from mmbalance_llm.data.synthetic import ensure_preset, preset_spec
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
                 if not os.path.isfile(recipe):
                     recipe = os.path.join(ROOT, "recipes", "synthetic", "baseline.yaml")
                 overrides = [f"data.path={data}", f"output_dir={out}", f"train.seed={seed}",
-                             f"train.epochs={args.epochs}", "train.progress=false", "train.plots=false",
+                             f"train.num_train_epochs={args.epochs}", "train.progress=false", "train.plots=false",
                              f"balance.method={method}", *args.extra]
                 if name.startswith("alone-"):
                     overrides.append(f"data.modalities=[{name[len('alone-'):]}]")
@@ -98,7 +99,10 @@ def main(argv=None) -> int:
             timing = json.load(open(os.path.join(out, "timing.json")))
             print(f"[bench] {preset} {name} seed {seed}: acc {final['test']['accuracy']:.3f} "
                   f"train {timing['train_seconds']:.1f} s rss {res['maxrss_mb']:.0f} MB", flush=True)
-            return name, {"seed": seed, "test": final["test"], "timing": timing, "maxrss_mb": res["maxrss_mb"]}
+            used = read_yaml(os.path.join(out, "config.yaml"))  # the recipe the run really used
+            return name, {"seed": seed, "test": final["test"], "timing": timing, "maxrss_mb": res["maxrss_mb"],
+                          "best_epoch": final.get("best_epoch"), "balance": used.get("balance"),
+                          "epochs": used.get("train", {}).get("num_train_epochs", used.get("train", {}).get("epochs"))}
 
         runs = {}
         with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -129,8 +133,11 @@ def write_tables(preset, modalities, methods, seeds, runs, args):
         gaps = {m: alone[m][0] - statistics.fmean(r["test"]["unimodal_accuracy"][m] for r in base.values())
                 for m in modalities if alone[m][0] is not None}
         weak = max(gaps, key=gaps.get) if gaps else None
-    head = ["method", "fused acc", "macro-F1"] + [f"{m} unimodal acc" for m in modalities] + [
-        "imbalance", "train time ×", "peak RSS ×"]
+    from mmbalance_llm.eval.activity import active_at, first_active_epoch
+
+    head = (["method", "fused acc", "macro-F1"] + [f"{m} unimodal acc" for m in modalities]
+            + [f"{m} probe acc" for m in modalities]
+            + ["imbalance", "probe imbalance", "best epoch", "active at best", "train time ×", "peak RSS ×"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     summary = {}
     for name in methods:
@@ -140,6 +147,12 @@ def write_tables(preset, modalities, methods, seeds, runs, args):
             continue
         row = {k: mean_std([r["test"].get(k) for r in ok]) for k in ("accuracy", "macro_f1", "imbalance")}
         row["unimodal"] = {m: mean_std([r["test"]["unimodal_accuracy"][m] for r in ok]) for m in modalities}
+        row["probe"] = {m: mean_std([(r["test"].get("unimodal_probe_accuracy") or {}).get(m) for r in ok])
+                        for m in modalities}
+        row["imbalance_probe"] = mean_std([r["test"].get("imbalance_probe") for r in ok])
+        row["best_epoch"] = [r.get("best_epoch") for r in ok]
+        row["first_active_epoch"] = first_active_epoch(name, ok[0].get("balance"), ok[0].get("epochs"))
+        row["active_at_best"] = [active_at(name, r.get("balance"), r.get("best_epoch"), r.get("epochs")) for r in ok]
         row["time_ratio"] = mean_std([r["timing"]["train_seconds"] / base[r["seed"]]["timing"]["train_seconds"]
                                       for r in ok if r["seed"] in base])
         if cost and name in cost["ratio"]:  # interleaved measurement: robust to load on a shared machine
@@ -148,16 +161,25 @@ def write_tables(preset, modalities, methods, seeds, runs, args):
         summary[name] = row
         cells = [name, fmt(row["accuracy"]), fmt(row["macro_f1"])]
         cells += [("**" + fmt(row["unimodal"][m]) + "**") if m == weak else fmt(row["unimodal"][m]) for m in modalities]
-        cells += [fmt(row["imbalance"], 1, 3), fmt_ratio(row["time_ratio"]), fmt(row["rss_ratio"], 1, 2)]
+        cells += [fmt(row["probe"][m]) for m in modalities]
+        flags = [f for f in row["active_at_best"] if f is not None]
+        first = row["first_active_epoch"]
+        active = "-" if not flags else f"{sum(flags)}/{len(flags)}" + (f" (from {first})" if first and first > 1 else "") \
+            + (" (never)" if first is None else "")
+        cells += [fmt(row["imbalance"], 1, 3), fmt(row["imbalance_probe"], 1, 3),
+                  ", ".join(str(e) for e in row["best_epoch"]), active,
+                  fmt_ratio(row["time_ratio"]), fmt(row["rss_ratio"], 1, 2)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("| each modality trained alone | - | - | " + " | ".join(fmt(alone[m]) for m in modalities)
-                 + " | - | - | - |")
+    cells = ["each modality trained alone", "-", "-"] + [fmt(alone[m]) for m in modalities]
+    lines.append("| " + " | ".join(cells + ["-"] * (len(head) - len(cells))) + " |")
     table = "\n".join(lines) + "\n"
     timing = ("Train time × comes from `benchmarks/train_cost.py` (all methods trained in interleaved epochs in "
               "one process, robust to load on a shared machine)" if cost else
               "Train time × compares runs with the same seed in this invocation")
     note = (f"Preset `{preset}`, {len(seeds)} seeds ({', '.join(map(str, seeds))}), {args.epochs} epochs, test split "
-            f"of the checkpoint chosen on validation; mean ± std. Weak modality in bold: `{weak}`. {timing}; peak "
+            f"of the checkpoint chosen on validation; mean ± std. Weak modality in bold: `{weak}`. Unimodal acc is "
+            f"the fused model's own unimodal path; probe acc a fresh linear probe on that modality's frozen encoder "
+            f"features; best epoch per seed, and on how many seeds the method had acted by then. {timing}; peak "
             f"RSS × is each run's own process against `none` with the same seed.\n")
     with open(os.path.join(RESULTS, f"balance_{preset}.md"), "w", encoding="utf-8") as fh:
         fh.write(note + "\n" + table)

@@ -8,9 +8,12 @@ def mean_std(values):
     values = [v for v in values if v is not None]
     if not values:
         return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def fmt(pair, scale=100.0, digits=1):
+    """`mean ± std`; the mean alone for one seed (no spread to show)."""
     mean, std = pair
-    return "-" if mean is None else f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+    if mean is None:
+        return "-"
+    return f"{mean * scale:.{digits}f}" if std is None else f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"

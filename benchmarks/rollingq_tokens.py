@@ -43,6 +43,10 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=3)
     p.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "bench_rollingq"))
     p.add_argument("--skip-existing", action="store_true")
+    p.add_argument("--extra", nargs="*", default=[], help="overrides for every run, e.g. the paper's schedule: "
+                   "train.optimizer=sgd train.scheduler=cosine train.lr=0.05 train.weight_decay=1e-4")
+    p.add_argument("--tag", default="", help="suffix of the result files (rollingq<_tag>.md/json/png)")
+    p.add_argument("--no-alone", action="store_true", help="skip the trained-alone reference runs")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1", PYTHONPATH=ROOT,
@@ -51,10 +55,10 @@ def main(argv=None) -> int:
     for seed in seeds:
         data = ensure_preset(os.path.join(args.work_dir, "data", f"seed{seed}"), preset=args.preset, seed=seed,
                              train_size=args.train_size, validation_size=400, test_size=400)
-        for i, (name, (recipe, extra)) in enumerate({**VARIANTS, **ALONE}.items()):
+        for i, (name, (recipe, extra)) in enumerate({**VARIANTS, **({} if args.no_alone else ALONE)}.items()):
             out = os.path.join(args.work_dir, f"v{i}-seed{seed}")
-            overrides = [f"data.path={data}", f"output_dir={out}", f"train.seed={seed}", f"train.epochs={args.epochs}",
-                         "train.progress=false", "train.plots=false", "train.shapley=false", *extra]
+            overrides = [f"data.path={data}", f"output_dir={out}", f"train.seed={seed}", f"train.num_train_epochs={args.epochs}",
+                         "train.progress=false", "train.plots=false", "train.shapley=false", *args.extra, *extra]
             jobs.append((name, seed, out, os.path.join(ROOT, "recipes", "fusion_transformer", f"{recipe}.yaml"),
                          overrides))
 
@@ -74,7 +78,7 @@ def main(argv=None) -> int:
         return name, {"seed": seed, "test": final["test"], "timing": timing,
                       "curves": attention_curves(os.path.join(out, "metrics.jsonl"))}
 
-    runs = {name: [] for name in {**VARIANTS, **ALONE}}
+    runs = {name: [] for name in {**VARIANTS, **({} if args.no_alone else ALONE)}}
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for name, res in pool.map(execute, jobs):
             if res is not None:
@@ -83,7 +87,8 @@ def main(argv=None) -> int:
     write_report(runs, seeds, args)
     curves = {name.replace("fusion_transformer", "FT"): mean_curves([r["curves"] for r in rs])
               for name, rs in runs.items() if rs and name in VARIANTS}
-    plot_attention_shares(curves, os.path.join(RESULTS, "rollingq_attention_share.png"),
+    suffix = f"_{args.tag}" if args.tag else ""
+    plot_attention_shares(curves, os.path.join(RESULTS, f"rollingq{suffix}_attention_share.png"),
                           title=f"{args.preset}: fusion-query attention share (validation, mean ± std, {len(seeds)} seeds)")
     return 0
 
@@ -95,8 +100,8 @@ def train_seconds(timing: dict) -> float:
 def write_report(runs: dict, seeds, args) -> None:
     mods = ["audio", "visual"]
     base = {r["seed"]: r for r in runs[next(iter(VARIANTS))]}
-    head = ["model", "fused acc", "audio probe acc", "visual probe acc (weak)", "attention-share gap",
-            "AIR", "train time ×"]
+    head = ["model", "fused acc", "audio probe acc", "visual probe acc (weak)", "audio encoder probe",
+            "visual encoder probe", "attention-share gap", "AIR", "train time ×"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     summary = {}
     for name, rs in runs.items():
@@ -105,6 +110,8 @@ def write_report(runs: dict, seeds, args) -> None:
             continue
         row = {"accuracy": mean_std([r["test"]["accuracy"] for r in rs]),
                **{m: mean_std([r["test"]["unimodal_accuracy"].get(m) for r in rs]) for m in mods},
+               **{f"{m}_encoder": mean_std([(r["test"].get("unimodal_probe_accuracy") or {}).get(m) for r in rs])
+                  for m in mods},
                "share_gap": mean_std([r["test"]["attention"]["share_gap"] for r in rs if name in VARIANTS]),
                "air": mean_std([r["test"]["attention"]["air"] for r in rs if name in VARIANTS]),
                "time": mean_std([train_seconds(r["timing"]) / train_seconds(base[r["seed"]]["timing"])
@@ -112,18 +119,21 @@ def write_report(runs: dict, seeds, args) -> None:
         summary[name] = {k: {"mean": v[0], "std": v[1]} for k, v in row.items()}
         summary[name]["per_seed"] = [{"seed": r["seed"], "test": r["test"]} for r in rs]
         lines.append(f"| {name} | {fmt(row['accuracy'])} | {fmt(row['audio'])} | {fmt(row['visual'])} | "
-                     f"{fmt(row['share_gap'])} | {fmt(row['air'], 1, 3)} | {fmt(row['time'], 1, 2)} |")
+                     f"{fmt(row['audio_encoder'])} | {fmt(row['visual_encoder'])} | {fmt(row['share_gap'])} | {fmt(row['air'], 1, 3)} | {fmt(row['time'], 1, 2)} |")
     note = (f"Test split, mean ± std over seeds {','.join(map(str, seeds))} (data and training seed), "
             f"{args.epochs} epochs, {args.train_size} training samples, `{args.preset}` preset. Probe accuracy: "
-            "linear probes on the detached modality features (they do not sum to the fused logits). "
+            "linear probes on the detached modality features (they do not sum to the fused logits). Encoder probe: "
+            "a fresh linear probe fitted after training on the frozen features (unimodal_probe_accuracy). "
             "Attention-share gap: |share_audio - share_visual| of the fusion query, per-token normalised. "
             "Train time ×: time in training epochs (RollingQ's estimation pass included) over the baseline's. "
             "'<m> alone': the same model trained on modality m only (the reference for what m can reach).")
-    md = "\n".join([f"# RollingQ on {args.preset}", "", note, "", *lines, "",
-                    "![attention share](rollingq_attention_share.png)", ""])
-    with open(os.path.join(RESULTS, "rollingq.md"), "w", encoding="utf-8") as fh:
+    suffix = f"_{args.tag}" if args.tag else ""
+    extra = f" Extra overrides: `{' '.join(args.extra)}`." if args.extra else ""
+    md = "\n".join([f"# RollingQ on {args.preset}", "", note + extra, "", *lines, "",
+                    f"![attention share](rollingq{suffix}_attention_share.png)", ""])
+    with open(os.path.join(RESULTS, f"rollingq{suffix}.md"), "w", encoding="utf-8") as fh:
         fh.write(md)
-    with open(os.path.join(RESULTS, "rollingq.json"), "w", encoding="utf-8") as fh:
+    with open(os.path.join(RESULTS, f"rollingq{suffix}.json"), "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=2)
     print(md)
 

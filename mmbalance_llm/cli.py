@@ -1,12 +1,13 @@
 """The `mmbalance` command (also `python -m mmbalance_llm`).
 
     mmbalance train RECIPE [dotted.key=value ...]   (RECIPE --help: the keys of its task)
-    mmbalance compare [--recipe R] [--methods a,b] [--seeds 0,1,2] [--preset P] [--data PATH] [key=value ...]
+    mmbalance compare [--recipes DIR | --recipe R] [--methods a,b] [--seeds 0,1,2] [--jobs N] [--data PATH] [key=value ...]
     mmbalance eval MODEL_DIR --data PATH [--split test]
     mmbalance make-data synthetic OUT_DIR [--preset P] [--modality name:dim=32,snr=2,encoding=linear ...]
     mmbalance make-data mm-instruct OUT_DIR [--modalities image,audio] [--format sharegpt|llava]
     mmbalance make-data tiny-model {llava,qwen2_vl,qwen2_5_vl,qwen2_audio,all} OUT_DIR
     mmbalance make-data diagnostic OUT_DIR         (reliance benchmark with ground truth, all formats)
+    mmbalance make-data from-arrays OUT_DIR --input FILE.npz|csv|parquet [--view NAME=SPEC ...] [--label y]
     mmbalance make-data {cremad,kinetics-sounds,ave,vggsound,ucf101,food101,mosei} RAW_DIR OUT  (raw datasets)
     mmbalance make-data raw-replica {cremad,...,all} OUT   (miniature raw layouts for tests)
     mmbalance attribute --model PATH --data PATH  (token-level modality attribution: JSON + HTML + PNG)
@@ -27,6 +28,7 @@ DELEGATED = {
     ("make-data", "mm-instruct"): "mmbalance_llm.data.mm_synthetic:main",
     ("make-data", "tiny-model"): "mmbalance_llm.models.tiny:main",
     ("make-data", "diagnostic"): "mmbalance_llm.data.diagnostic:main",
+    ("make-data", "from-arrays"): "mmbalance_llm.data.from_arrays:main",
     ("make-data", "raw-replica"): "mmbalance_llm.data.raw_replica:main",
     ("make-data", "cremad"): "mmbalance_llm.data.raw_converters:cremad_main",
     ("make-data", "kinetics-sounds"): "mmbalance_llm.data.raw_converters:kinetics_sounds_main",
@@ -80,14 +82,22 @@ def cmd_train(args) -> int:
 def cmd_compare(args) -> int:
     from mmbalance_llm.compare import run_compare
 
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     from mmbalance_llm.balance import method_class
 
     for m in methods:
         method_class(m)  # fail before any training on a misspelled name
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.recipes and args.recipe:
+        raise ValueError("give --recipes DIR (one recipe per method) or --recipe FILE (one for all), not both")
     run_compare(args.output_dir, methods=methods, seeds=seeds, recipe_path=args.recipe, data_path=args.data,
-                preset=args.preset, alone=not args.no_alone, overrides=args.overrides)
+                preset=args.preset, alone=not args.no_alone, overrides=args.overrides, recipes_dir=args.recipes,
+                jobs=args.jobs)
     return 0
 
 
@@ -148,7 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="train several methods on the same data and tabulate")
     c.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied to every run")
-    c.add_argument("--recipe", default=None, help="base recipe (default: the built-in synthetic baseline)")
+    c.add_argument("--recipe", default=None, help="one base recipe for every method, each with its built-in "
+                                                  "defaults (default: the built-in synthetic baseline)")
+    c.add_argument("--recipes", default=None, help="folder of per-method recipes, DIR/<method>.yaml (e.g. "
+                                                   "recipes/synthetic); `none` and the trained-alone runs use "
+                                                   "DIR/baseline.yaml")
+    c.add_argument("--jobs", type=int, default=1, help="runs side by side in this many worker processes")
     c.add_argument("--methods", default="none,unimodal_aux,ogm_ge")
     c.add_argument("--seeds", default="0")
     c.add_argument("--preset", default="av_imbalance", help="synthetic preset when no data path is given")
@@ -167,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("make-data", help="generate datasets: synthetic (features), mm-instruct (images/tones + "
                                          "questions for MLLM fine-tuning), tiny-model (random-weight MLLM twins)")
-    d.add_argument("kind", choices=["synthetic", "mm-instruct", "tiny-model", "diagnostic"])
+    d.add_argument("kind", choices=["synthetic", "mm-instruct", "tiny-model", "diagnostic", "from-arrays"])
     d.add_argument("out_dir")
     d.add_argument("--preset", default=None, help="synthetic preset: " + " | ".join(PRESETS))
     d.add_argument("--modality", action="append", default=[],

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mmbalance_llm.eval.metrics import accuracy, accuracy_ratio, imbalance, macro_f1, shapley_values, subsets
+from mmbalance_llm.eval.probe import accuracy_imbalance, probe_metrics
 from mmbalance_llm.eval.subset_pass import SubsetPredictor
 
 
@@ -119,10 +120,21 @@ def linear_probe(train_feats: dict, train_labels, num_classes: int, steps: int =
     return split_logits
 
 
+def unimodal_probes(model, probe_loader, accelerator, modalities, num_classes, res, train=None, seed=0) -> dict:
+    """`unimodal_probe_accuracy` and `imbalance_probe` of the evaluated split `res` (a `collect` result
+    with features); `train` is the training split's `collect` result when already at hand."""
+    if not res.get("features"):  # a model without per-modality features: nothing to probe
+        return {}
+    if train is None:
+        train = collect(model, probe_loader, accelerator, modalities, want_features=True)
+    return probe_metrics(train["features"], train["labels"], res["features"], res["labels"], num_classes, seed=seed)
+
+
 def evaluate(model, loader, accelerator, modalities, num_classes, *, shapley=True, unimodal="auto",
-             probe_loader=None, seed=0) -> dict:
-    """Metrics of ARCHITECTURE.md on one split. `probe_loader` (the ordered training data) is read only
-    when the unimodal accuracy needs a linear probe."""
+             probe_loader=None, seed=0, unimodal_probe=True) -> dict:
+    """Metrics of the evaluation pass on one split. `probe_loader` (the ordered training data) feeds the
+    linear probes: the joint one when the unimodal accuracy needs it, and with `unimodal_probe` one
+    fresh probe per modality (`unimodal_probe_accuracy`, eval/probe.py). Without it those are skipped."""
     keep_sets = [s for s in subsets(modalities) if len(s) < len(modalities)] if shapley else []
     res = collect(model, loader, accelerator, modalities, keep_sets, want_features=True, diagnostics=True)
     labels, preds = res["labels"], res["logits"].argmax(-1)
@@ -131,6 +143,7 @@ def evaluate(model, loader, accelerator, modalities, num_classes, *, shapley=Tru
     if res["diagnostics"]:
         metrics.update(res["diagnostics"])
 
+    train = None  # the training split's features, collected once for both kinds of probe
     use_split = res["unimodal"] is not None and unimodal in ("auto", "split")
     if unimodal == "split" and res["unimodal"] is None:
         raise ValueError("train.unimodal_metric is 'split' but the fusion head gives no unimodal logits")
@@ -146,6 +159,9 @@ def evaluate(model, loader, accelerator, modalities, num_classes, *, shapley=Tru
         metrics["unimodal_source"] = "linear_probe"
     metrics["unimodal_accuracy"] = {m: accuracy(z.argmax(-1), labels) for m, z in uni_logits.items()}
     metrics["accuracy_ratio"] = accuracy_ratio(metrics["unimodal_accuracy"])
+    metrics["imbalance_unimodal"] = accuracy_imbalance(metrics["unimodal_accuracy"], labels)
+    if unimodal_probe and probe_loader is not None:
+        metrics.update(unimodal_probes(model, probe_loader, accelerator, modalities, num_classes, res, train, seed))
 
     if keep_sets:
         value = {s: accuracy(p, labels) for s, p in res["subset_preds"].items()}

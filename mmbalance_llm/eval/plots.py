@@ -29,7 +29,10 @@ def plot_run(metrics_path: str, out_png: str, title: str = "") -> str:
         epochs = [r["epoch"] for r in rows]
         ax.plot(epochs, [r["accuracy"] for r in rows], "k-", lw=2, label="fused")
         for m in rows[0].get("unimodal_accuracy", {}):
-            ax.plot(epochs, [r["unimodal_accuracy"][m] for r in rows], "--", label=f"{m} (unimodal)")
+            line, = ax.plot(epochs, [r["unimodal_accuracy"][m] for r in rows], "--", label=f"{m} (unimodal)")
+            if "unimodal_probe_accuracy" in rows[0]:
+                ax.plot(epochs, [r["unimodal_probe_accuracy"][m] for r in rows], ":", color=line.get_color(),
+                        label=f"{m} (encoder probe)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
     ax.set_title(title or "accuracy per modality")
@@ -64,30 +67,40 @@ def plot_sft_run(metrics_path: str, out_png: str, title: str = "") -> str:
 
 
 def plot_compare_curves(runs: dict, out_png: str, modalities: list, alone: dict | None = None) -> str:
-    """One panel per modality: its unimodal validation accuracy per epoch for every method, with the
-    modality's trained-alone test accuracy as a dotted reference line when given."""
+    """One panel per modality: its unimodal validation accuracy per epoch for every method (solid) and
+    its encoder-probe accuracy (dotted, same colour), with the modality's trained-alone test accuracy as
+    a grey dashed reference line when given. One legend below the panels (many methods fit)."""
     n = len(modalities) + 1
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), sharey=True)
-    for name, metrics_path in runs.items():
+    ncol = min(6, max(1, len(runs)))
+    legend_rows = -(-(len(runs) + 1) // ncol)
+    height = 3.6 + 0.2 * legend_rows
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, height), sharey=True)
+    colours = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
+    handles, ref = [], None
+    for i, (name, metrics_path) in enumerate(runs.items()):
         rows = eval_rows(metrics_path)
         if not rows:
             continue
+        colour = colours(i % colours.N)
         epochs = [r["epoch"] for r in rows]
-        axes[0].plot(epochs, [r["accuracy"] for r in rows], label=name)
+        line, = axes[0].plot(epochs, [r["accuracy"] for r in rows], color=colour, label=name)
+        handles.append(line)
         for ax, m in zip(axes[1:], modalities):
-            ax.plot(epochs, [r["unimodal_accuracy"][m] for r in rows], label=name)
+            ax.plot(epochs, [r["unimodal_accuracy"][m] for r in rows], color=colour)
+            if "unimodal_probe_accuracy" in rows[0]:
+                ax.plot(epochs, [r["unimodal_probe_accuracy"][m] for r in rows], ":", color=colour)
     axes[0].set_title("fused")
     for ax, m in zip(axes[1:], modalities):
-        ax.set_title(f"{m} (unimodal)")
+        ax.set_title(f"{m}: unimodal (solid), encoder probe (dotted)", fontsize=9)
         if alone and alone.get(m, {}).get("accuracy") is not None:
-            ax.axhline(alone[m]["accuracy"], color="gray", ls=":", label=f"{m} trained alone")
+            ref = ax.axhline(alone[m]["accuracy"], color="gray", ls="--", lw=1, label="trained alone (test)")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation accuracy")
-    for ax in axes[1:]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(handles=handles + ([ref] if ref is not None else []), loc="lower center", ncol=ncol, fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, (0.2 * legend_rows + 0.15) / height, 1, 1))
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png

@@ -57,6 +57,9 @@ class Trainer:
         with acc.main_process_first():  # the main process fills the preprocessing cache; the others read it
             task.load_data(datasets)
         self.data = getattr(task, "data", None)
+        # seeded again: the weights must not depend on whether the main process just built a tiny twin or
+        # generated data (which draw from the same generators)
+        set_seed(cfg.seed)
         model = task.build_model(self.balancer, model)
         self._check_metric_for_best()
         self.resume_dir = ckpt.resolve_resume(cfg.resume_from_checkpoint, recipe.output_dir)
@@ -315,6 +318,12 @@ class Trainer:
                      distributed_type=acc.distributed_type.name)
         if self.state["before_training"] is not None:
             final["validation_before_training"] = self.state["before_training"]
+        if self.recipe.task == "classify":  # did the chosen checkpoint see the method at all? (eval/activity.py)
+            from mmbalance_llm.eval.activity import active_at, first_active_epoch
+
+            b, epochs = self.recipe.balance, self.num_epochs
+            final["first_active_epoch"] = first_active_epoch(self.balancer.name, b, epochs)
+            final["active_at_best_epoch"] = active_at(self.balancer.name, b, self.state["best_epoch"], epochs)
         final.update(self.task.final_extras(self.model))
         if acc.is_main_process:
             write_json_atomic(os.path.join(self.output_dir, "final_metrics.json"), final)
