@@ -155,3 +155,22 @@ def test_sft_under_two_processes_evaluates_the_whole_split_and_refuses_the_pitfa
     proc = launch(args, {"ACCELERATE_USE_CPU": "false"})
     assert proc.returncode != 0 and "each would train alone" in proc.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None, reason="no deepspeed extra")
+def test_sft_under_deepspeed_zero2_matches_ddp(tmp_path):
+    import yaml
+
+    results = {}
+    for name, config, env in (("ddp", "ddp_cpu_2proc.yaml", {"ACCELERATE_USE_CPU": "true"}),
+                              ("zero2", "deepspeed_zero2.yaml", {})):
+        raw = sft_recipe(tmp_path, name, max_steps=2, per_device_train_batch_size=2)
+        raw["adapter"] = "lora"
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        proc = launch(["--config_file", f"accelerate_configs/{config}", "-m", "mmbalance_llm", "train", str(path)], env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads((tmp_path / name / "final_metrics.json").read_text())
+    assert results["zero2"]["distributed_type"] == "DEEPSPEED" and results["zero2"]["world_size"] == 2
+    assert results["zero2"]["validation"]["loss"] == pytest.approx(results["ddp"]["validation"]["loss"], abs=1e-5)
