@@ -225,6 +225,8 @@ class ForkMerge:
         for g, mods in zip(grp, self.groups):
             for m in mods:
                 g |= self._ids.to(emb.device) == MODALITY_IDS[m]
+        if not (grp[0].any() or grp[1].any()):
+            return orig(**kw)  # no media: both forks would be the plain pass
         am = kw.get("attention_mask")
         valid = am.bool() if isinstance(am, torch.Tensor) and am.ndim == 2 else self._valid
         valid = torch.ones(B, T, dtype=torch.bool, device=emb.device) if valid is None else valid.to(emb.device)
