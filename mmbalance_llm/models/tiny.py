@@ -19,7 +19,10 @@ import argparse
 import sys
 from pathlib import Path
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen2_audio", "qwen2_5_omni")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen2_audio")
+# twins with two non-text modalities (image + audio), for Fork-Merge Decoding (mmbalance_llm.decoding)
+AV_FAMILIES = ("qwen2_5_omni_thinker",)
+ALL_FAMILIES = FAMILIES + AV_FAMILIES
 
 # Chat templates follow each family's real one closely enough that prompts look alike; the tiny tokenizer
 # knows every special token used here.
@@ -49,7 +52,7 @@ _SPECIALS = {
 }
 _SPECIALS["qwen2_5_vl"] = _SPECIALS["qwen2_vl"]
 # Qwen2.5-Omni's thinker: image and audio placeholders as in its real template (<|IMAGE|>, <|AUDIO|>)
-_SPECIALS["qwen2_5_omni"] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_bos|>", "<|vision_eos|>",
+_SPECIALS["qwen2_5_omni_thinker"] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_bos|>", "<|vision_eos|>",
                              "<|IMAGE|>", "<|VIDEO|>", "<|audio_bos|>", "<|audio_eos|>", "<|AUDIO|>"]
 _OMNI_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
@@ -94,7 +97,7 @@ def train_tokenizer(family: str, vocab_size: int = 1000):
         kw = dict(pad_token="<|endoftext|>", eos_token="<|im_end|>",
                   extra_special_tokens={"audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>",
                                         "audio_eos_token": "<|audio_eos|>"})
-    elif family == "qwen2_5_omni":
+    elif family == "qwen2_5_omni_thinker":
         kw = dict(pad_token="<|endoftext|>", eos_token="<|im_end|>",
                   extra_special_tokens={"image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>",
                                         "audio_token": "<|AUDIO|>", "vision_bos_token": "<|vision_bos|>",
@@ -105,7 +108,7 @@ def train_tokenizer(family: str, vocab_size: int = 1000):
                   extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                                         "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"})
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, padding_side="right", **kw)
-    tok.chat_template = {"llava": _LLAVA_TEMPLATE, "qwen2_5_omni": _OMNI_TEMPLATE}.get(family, _QWEN_TEMPLATE)
+    tok.chat_template = {"llava": _LLAVA_TEMPLATE, "qwen2_5_omni_thinker": _OMNI_TEMPLATE}.get(family, _QWEN_TEMPLATE)
     return tok
 
 
@@ -122,8 +125,8 @@ def _build(family: str, seed: int):
     import torch
     import transformers as T
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(ALL_FAMILIES)}")
     tok = train_tokenizer(family)
     ids = lambda t: tok.convert_tokens_to_ids(t)  # noqa: E731
     torch.manual_seed(seed)
@@ -167,7 +170,7 @@ def _build(family: str, seed: int):
             from mmbalance_llm.data.chat import MMProcessor
 
             proc = MMProcessor(tokenizer=tok, image_processor=ip)
-    elif family == "qwen2_5_omni":
+    elif family == "qwen2_5_omni_thinker":
         model, proc = _build_omni_thinker(tok, ids)
     else:  # qwen2_audio
         frames = AUDIO_SECONDS * AUDIO_SR // 160
@@ -234,13 +237,13 @@ def build_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     """
     out = Path(out_dir)
     if family == "all":
-        for f in FAMILIES:
+        for f in ALL_FAMILIES:
             build_tiny(f, out / f, seed)
         return out
     model, proc = _build(family, seed)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    if family == "qwen2_5_omni":  # image processor and feature extractor would both write preprocessor_config.json
+    if family == "qwen2_5_omni_thinker":  # its image processor and feature extractor share a config name
         proc.tokenizer.save_pretrained(out)
         proc.image_processor.save_pretrained(out)
         proc.feature_extractor.save_pretrained(out / OMNI_FEATURES_DIR)
@@ -272,7 +275,7 @@ def load_tiny(path: str | Path, attn_implementation: str | None = None):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmbalance_llm.models.tiny",
                                 description="Build a tiny random-weight MLLM twin (model + processor) on disk.")
-    p.add_argument("family", choices=FAMILIES + ("all",))
+    p.add_argument("family", choices=ALL_FAMILIES + ("all",))
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
