@@ -166,3 +166,25 @@ def test_reliance_cli_compares_plain_and_fmd_on_the_same_items(omni, tmp_path, c
     assert "fmd − plain" in (out / "comparison.md").read_text()
     assert reliance_main(["--model", str(mdir), "--benchmark", info["avqa"], "--decoding", "greedy"]) == 2
     assert "--decoding" in capsys.readouterr().err
+
+
+def test_attribute_cli_under_fmd_differs_from_plain(omni, tmp_path):
+    import json
+
+    from mmbalance_llm.attribution.cli import attribute_main
+    from mmbalance_llm.models.tiny import build_tiny
+
+    _, _, _, info, _ = omni
+    mdir = build_tiny("qwen2_5_omni_thinker", tmp_path / "omni")
+    shares = {}
+    for dec in ("plain", "fmd"):
+        out = tmp_path / f"attr-{dec}"
+        rc = attribute_main(["--model", str(mdir), "--data", info["avqa"], "--methods", "grad_x_input,ablation",
+                             "--limit", "2", "--batch-size", "1", "--decoding", dec, "--fork-layers", "1",
+                             "--out", str(out)])
+        assert rc == 0
+        summary = json.loads((out / "attribution.json").read_text())
+        assert summary["decoding"] == dec and not summary["skipped"]
+        shares[dec] = summary["methods"]["grad_x_input"]["mean_share"]
+    assert shares["plain"] != shares["fmd"]  # the direct decoder passes of attribution run under FMD too
+    assert attribute_main(["--model", str(mdir), "--data", info["avqa"], "--decoding", "plain,fmd"]) == 2

@@ -179,17 +179,30 @@ class ForkMerge:
         return generate
 
     # ------------------------------------------------------------------ language model forward
+    def _token_map(self, B: int, T: int):
+        """(modality ids, validity) for a decoder call of shape [B, T]: those of the last top-level call, or its
+        single row repeated (attribution re-scores one sample's rows in bulk); None when they do not fit."""
+        ids, valid = self._ids, self._valid
+        if ids is None or ids.shape[1] != T or ids.shape[0] not in (1, B):
+            return None
+        if ids.shape[0] != B:
+            ids = ids.expand(B, T)
+            valid = None if valid is None else valid.expand(B, T)
+        return ids, valid
+
     def _lm_forward(self, *args, **kw):
         orig = type(self.lm).forward.__get__(self.lm)
         emb = kw.get("inputs_embeds")
         cache = kw.get("cache", kw.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
-        if emb is None or past > 0 or self._ids is None or self._ids.shape != emb.shape[:2]:
+        tmap = None if emb is None or past > 0 else self._token_map(*emb.shape[:2])
+        if tmap is None:
             return orig(*args, **kw)  # decode step, text-only call or a call FMD has no token map for
+        ids, valid = tmap
         P = self.prompt_length
         T = emb.shape[1]
         if P is None or P >= T or P <= 0:
-            return self._prefill(orig, kw)
+            return self._prefill(orig, kw, ids, valid)
         # prompt + continuation without a cache: fork/merge the prompt, then run the rest as decode steps
         from transformers import DynamicCache
 
@@ -206,29 +219,24 @@ class ForkMerge:
         pid = kw.get("position_ids")
         if isinstance(pid, torch.Tensor):
             head["position_ids"], tail["position_ids"] = pid[..., :P], pid[..., P:]
-        ids, valid = self._ids, self._valid
-        self._ids, self._valid = ids[:, :P], None if valid is None else valid[:, :P]
-        try:
-            out1 = self._prefill(orig, head)
-        finally:
-            self._ids, self._valid = ids, valid
+        out1 = self._prefill(orig, head, ids[:, :P], None if valid is None else valid[:, :P])
         out2 = orig(**tail)
         out2.last_hidden_state = torch.cat([out1.last_hidden_state, out2.last_hidden_state], 1)
         if not use_cache and "cache" in out2:
             out2["cache"] = None
         return out2
 
-    def _prefill(self, orig, kw):
+    def _prefill(self, orig, kw, ids, valid):
         emb = kw["inputs_embeds"]
         B, T = emb.shape[:2]
         grp = [torch.zeros(B, T, dtype=torch.bool, device=emb.device) for _ in range(2)]
         for g, mods in zip(grp, self.groups):
             for m in mods:
-                g |= self._ids.to(emb.device) == MODALITY_IDS[m]
+                g |= ids.to(emb.device) == MODALITY_IDS[m]
         if not (grp[0].any() or grp[1].any()):
             return orig(**kw)  # no media: both forks would be the plain pass
         am = kw.get("attention_mask")
-        valid = am.bool() if isinstance(am, torch.Tensor) and am.ndim == 2 else self._valid
+        valid = am.bool() if isinstance(am, torch.Tensor) and am.ndim == 2 else valid
         valid = torch.ones(B, T, dtype=torch.bool, device=emb.device) if valid is None else valid.to(emb.device)
         valid = valid[:, -T:]
         self._state = {"B": B, "T": T, "groups": grp, "valid": valid, "attn": None,
