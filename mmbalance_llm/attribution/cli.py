@@ -130,7 +130,6 @@ def attribute_main(argv: list[str]) -> int:
         model, proc = load_mllm(a.model)
         if decoding == "fmd":  # FMD forks each prompt: one sample per batch (prompt lengths differ)
             a.batch_size = 1
-            methods = [m for m in methods if m != "attention"]
         source = ((b, ids, ans, tok) for b, ids, ans, tok in _hf_batches(model, proc, a.data, a.limit, a.batch_size,
                                                                           a.media_dir))
     else:
@@ -152,6 +151,8 @@ def attribute_main(argv: list[str]) -> int:
     decoding_scope.enter_context(decoding_context(model, decoding, **(fmd if decoding == "fmd" else {})))
     per_method = {m: {"shares": [], "target": "", "baseline": ""} for m in methods}
     skipped, samples, attn_layers, extras = {}, [], [], {}
+    if decoding == "fmd" and "attention" in methods:
+        skipped["attention"] = "the fork layers have two attention maps per token under fmd; run it with plain"
     modalities: list = []
     for batch, ids, ans, tok in source:
         target = None if is_hf_mllm(model) else ans
