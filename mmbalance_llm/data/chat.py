@@ -130,6 +130,8 @@ class MMProcessor:
                 fe = AutoFeatureExtractor.from_pretrained(path)
             except (OSError, ValueError, KeyError):
                 pass
+        if fe is None and (Path(path) / "feature_extractor").is_dir():  # image + audio folders (Omni thinker twin)
+            fe = AutoFeatureExtractor.from_pretrained(Path(path) / "feature_extractor")
         return cls(tok, ip, fe)
 
 

@@ -68,7 +68,7 @@ _OMNI_TEMPLATE = (
 IMAGE_SIZE = 32
 AUDIO_SR = 16000
 AUDIO_SECONDS = 1
-OMNI_FEATURES_DIR = "feature_extractor"  # where the Omni twin keeps its Whisper feature extractor config
+OMNI_FEATURES_DIR = "feature_extractor"  # the Omni twin's Whisper config (MMProcessor.from_pretrained reads it)
 
 
 def _corpus() -> list[str]:
@@ -247,6 +247,9 @@ def build_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
         proc.tokenizer.save_pretrained(out)
         proc.image_processor.save_pretrained(out)
         proc.feature_extractor.save_pretrained(out / OMNI_FEATURES_DIR)
+        # names the real processor class, so AutoProcessor tries it (it needs torchvision) and load_processor
+        # falls back to MMProcessor instead of returning the bare tokenizer
+        (out / "processor_config.json").write_text('{"processor_class": "Qwen2_5OmniProcessor"}\n')
     else:
         proc.save_pretrained(out)
     return out
@@ -262,13 +265,6 @@ def load_tiny(path: str | Path, attn_implementation: str | None = None):
     cfg = AutoConfig.from_pretrained(path)
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = model_class_for(cfg).from_pretrained(path, **kw)
-    if (Path(path) / OMNI_FEATURES_DIR).is_dir():  # the Qwen2.5-Omni thinker twin (see _build_omni_thinker)
-        from transformers import AutoImageProcessor, AutoTokenizer, WhisperFeatureExtractor
-
-        from mmbalance_llm.data.chat import MMProcessor
-
-        return model, MMProcessor(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path),
-                                  WhisperFeatureExtractor.from_pretrained(Path(path) / OMNI_FEATURES_DIR))
     return model, load_processor(path)
 
 
