@@ -66,7 +66,10 @@ def score(model, proc, items) -> dict:
         sc.decoding, sc.fmd = dec, kw
         t = time.perf_counter()
         ev = evaluate_reliance(sc, items, "avqa", blank=False, drop=True)
-        out[name] = {"results": ev["results"], "seconds": time.perf_counter() - t}
+        full = [s["conditions"]["full"] for s in ev["samples"]]
+        out[name] = {"results": ev["results"], "seconds": time.perf_counter() - t,
+                     "preds": [c["pred"] for c in full],
+                     "logp_correct": [c["logprobs"][it.options.index(it.answer)] for c, it in zip(full, items)]}
     return out
 
 
@@ -155,6 +158,14 @@ def table(runs, n_items, total) -> str:
         lines.append(f"| {g}-needed items, {cond} | " + " | ".join(
             fmt(mean_std([r["scores"][n]["results"][f"acc_needs/{g},full"]
                           - r["scores"][n]["results"][f"acc_needs/{g},{cond}"] for r in runs])) for n in DECODINGS) + " |")
+    lines += ["", "| change against plain (full condition) | " + " | ".join(DECODINGS) + " |",
+              "|---|" + "---|" * len(DECODINGS)]
+    lines.append("| predictions that differ from plain, % | " + " | ".join(fmt(mean_std([
+        sum(a != b for a, b in zip(r["scores"][n]["preds"], r["scores"]["plain"]["preds"])) / n_items
+        for r in runs])) for n in DECODINGS) + " |")
+    lines.append("| mean abs. change of log p(correct option) | " + " | ".join(fmt(mean_std([
+        sum(abs(a - b) for a, b in zip(r["scores"][n]["logp_correct"], r["scores"]["plain"]["logp_correct"])) / n_items
+        for r in runs]), 1.0, 3) for n in DECODINGS) + " |")
     lines += ["", "| cost (batch 8, greedy, KV cache, 16 new tokens) | " + " | ".join(DECODINGS) + " |",
               "|---|" + "---|" * len(DECODINGS)]
     plain_tok = [r["cost"]["plain"]["s_per_token"] for r in runs]

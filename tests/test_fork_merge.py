@@ -188,3 +188,38 @@ def test_attribute_cli_under_fmd_differs_from_plain(omni, tmp_path):
         shares[dec] = summary["methods"]["grad_x_input"]["mean_share"]
     assert shares["plain"] != shares["fmd"]  # the direct decoder passes of attribution run under FMD too
     assert attribute_main(["--model", str(mdir), "--data", info["avqa"], "--decoding", "plain,fmd"]) == 2
+
+
+def test_qwen2_vl_forks_image_against_video():
+    """A family with two visual modalities: FMD forks image vs video (default groups), hand-built video input."""
+    from mmbalance_llm.models.tiny import tiny_model_and_processor
+
+    model, proc = tiny_model_and_processor("qwen2_vl")
+    model.config._attn_implementation = "eager"
+    tok = proc.tokenizer if hasattr(proc, "tokenizer") else proc
+    c = model.config
+    text = tok("What is shown?", add_special_tokens=False)["input_ids"]
+    ids = ([c.vision_start_token_id] + [c.image_token_id] * 16 + [c.vision_end_token_id]
+           + [c.vision_start_token_id] + [c.video_token_id] * 16 + [c.vision_end_token_id] + text)
+    types = [0] + [1] * 16 + [0, 0] + [2] * 16 + [0] + [0] * len(text)
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+             "mm_token_type_ids": torch.tensor([types]),
+             "pixel_values": torch.randn(64, 3 * 2 * 4 * 4, generator=g), "image_grid_thw": torch.tensor([[1, 8, 8]]),
+             "pixel_values_videos": torch.randn(64, 3 * 2 * 4 * 4, generator=g),
+             "video_grid_thw": torch.tensor([[1, 8, 8]])}
+    plain = _logits(model, batch).logits
+    with fork_merge(model, fork_layers=1) as fmd:
+        assert fmd.groups == (("image",), ("video",))
+        out = _logits(model, batch, output_attentions=True)
+        kw = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        with torch.no_grad():
+            a, b = model.generate(**batch, **kw), model.generate(**batch, use_cache=False, **kw)
+    image, video = batch["mm_token_type_ids"] == 1, batch["mm_token_type_ids"] == 2
+    off = ~torch.eye(len(ids), dtype=torch.bool)
+    att = out.attentions[0]
+    assert float((att[:1] * (video[:, None, None, :] & off)).abs().max()) == 0.0
+    assert float((att[1:] * (image[:, None, None, :] & off)).abs().max()) == 0.0
+    assert not torch.allclose(plain[:, -1], out.logits[:, -1], atol=1e-5)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(torch.stack(a.scores), torch.stack(b.scores), atol=1e-5, rtol=1e-5)
