@@ -50,7 +50,8 @@ def test_fork_masks_keep_each_fork_free_of_the_other_modality(omni):
     # the audio-only pass puts no weight on image keys (except a token's own key), and vice versa
     assert float((audio_pass * (visual[:, None, None, :] & off_diag)).abs().max()) == 0.0
     assert float((visual_pass * (audio[:, None, None, :] & off_diag)).abs().max()) == 0.0
-    assert float((audio_pass * audio[:, None, None, :]).sum()) > 0 and float((visual_pass * visual[:, None, None, :]).sum()) > 0
+    assert float((audio_pass * audio[:, None, None, :]).sum()) > 0
+    assert float((visual_pass * visual[:, None, None, :]).sum()) > 0
     w = fmd.last_merge_weights
     assert torch.all(w[audio] == 1) and torch.all(w[visual] == 0)  # media tokens keep their own fork
     assert torch.all((w >= 0) & (w <= 1))
@@ -128,7 +129,8 @@ def test_scoring_under_fmd_matches_the_first_generated_step(omni):
     assert torch.equal(prompt["input_ids"][0], scored["input_ids"][0, :P])
     with torch.no_grad(), fork_merge(model, fork_layers=1):
         teacher = model(**scored).logits[0, P - 1]
-        g = model.generate(**prompt, max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        g = model.generate(**prompt, max_new_tokens=1, do_sample=False, output_scores=True,
+                           return_dict_in_generate=True)
     torch.testing.assert_close(teacher, g.scores[0][0], atol=1e-5, rtol=1e-5)
     fmd_lp = sc.option_logprobs([it], ("image", "audio"))[0]
     plain_lp = MLLMScorer(model, proc).option_logprobs([it], ("image", "audio"))[0]

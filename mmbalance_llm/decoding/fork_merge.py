@@ -80,13 +80,14 @@ def _decoder(model):
 
 
 def _repeat_batch(x, B: int):
-    """Two copies along the batch dimension (cos/sin are [B,T,d] or [3,B,T,d]; position ids [B,T] or [k,B,T])."""
+    """Two copies along the batch dimension: dim 0 (cos/sin [B, T, d], position ids [B, T] in transformers 5),
+    else dim 1 (position ids [3|4, B, T])."""
     if not isinstance(x, torch.Tensor):
         return x
-    if x.ndim >= 3 and x.shape[0] in (3, 4) and x.shape[1] == B and x.shape[0] != B:
-        return torch.cat([x, x], 1)
     if x.shape[0] == B:
         return torch.cat([x, x], 0)
+    if x.ndim >= 3 and x.shape[1] == B:
+        return torch.cat([x, x], 1)
     return x
 
 
@@ -102,7 +103,8 @@ class ForkMerge:
         if not 0 <= self.fork_layers < n:
             raise ValueError(f"fork_layers must be in 0..{n - 1} (the decoder has {n} layers); got {fork_layers}")
         if not (callable(merge) or isinstance(merge, (int, float)) or merge in MERGE_RULES):
-            raise ValueError(f"merge: unknown rule {merge!r}; choose from {', '.join(MERGE_RULES)}, a float or a callable")
+            raise ValueError(f"merge: unknown rule {merge!r}; choose from {', '.join(MERGE_RULES)}, "
+                             "a float or a callable")
         self.merge = merge
         self.groups = tuple(tuple(g) for g in (groups or default_groups(mmap.modalities)))
         if len(self.groups) != 2 or any(m not in mmap.modalities for g in self.groups for m in g):
@@ -342,7 +344,8 @@ class ForkMerge:
         return merged
 
 
-def fork_merge(model, fork_layers: int | None = None, merge: Any = "attention", groups: tuple | None = None) -> ForkMerge:
+def fork_merge(model, fork_layers: int | None = None, merge: Any = "attention",
+               groups: tuple | None = None) -> ForkMerge:
     """``with fork_merge(model, fork_layers, merge):`` -- apply Fork-Merge Decoding inside the block."""
     return ForkMerge(model, fork_layers=fork_layers, merge=merge, groups=groups)
 
