@@ -107,8 +107,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="runs/bench_fmd")
-    p.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs (0: random twins)")
-    p.add_argument("--n-train", type=int, default=480)
+    p.add_argument("--epochs", type=int, default=12, help="fine-tuning epochs (0: random twins)")
+    p.add_argument("--n-train", type=int, default=600)
     p.add_argument("--n-items", type=int, default=120, help="diagnostic benchmark items")
     a = p.parse_args(argv)
     import torch

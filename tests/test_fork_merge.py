@@ -104,7 +104,7 @@ def test_removing_the_wrapper_is_bit_identical(omni):
     with fork_merge(model, fork_layers=1):
         assert "forward" in lm.__dict__
         _logits(model, batch)
-    assert "forward" not in lm.__dict__ and "generate" not in model.__dict__
+    assert "forward" not in lm.__dict__ and "generate" not in model.__dict__ and "forward" not in model.__dict__
     assert all("forward" not in layer.__dict__ for layer in lm.layers)
     assert not model._forward_pre_hooks
     assert torch.equal(_logits(model, batch).logits, ref)
@@ -225,3 +225,21 @@ def test_qwen2_vl_forks_image_against_video():
     assert not torch.allclose(plain[:, -1], out.logits[:, -1], atol=1e-5)
     assert torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(torch.stack(a.scores), torch.stack(b.scores), atol=1e-5, rtol=1e-5)
+
+
+def test_fmd_reaches_a_peft_wrapped_model(omni):
+    """peft tuners call ``model.forward`` directly (no hooks): FMD must still see the batch."""
+    import peft
+
+    model, _, batch, _, _ = omni
+    from mmbalance_llm.models.modality_map import get_modality_map
+
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=get_modality_map(model).target_modules_regex()))
+    try:
+        plain = _logits(lora, batch).logits
+        with fork_merge(lora, fork_layers=1) as fmd:
+            out = _logits(lora, batch).logits
+        assert fmd.last_merge_weights is not None and not torch.allclose(plain, out, atol=1e-5)
+        assert torch.equal(_logits(lora, batch).logits, plain)
+    finally:
+        lora.unload()

@@ -33,6 +33,7 @@ Use::
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -115,13 +116,13 @@ class ForkMerge:
         self.prompt_length: int | None = None  # set per call from labels / by generate; None = whole input
         self._ids = self._valid = None
         self._state: dict | None = None
-        self._handles: list = []
         self._patched: list = []
         self.last_merge_weights: torch.Tensor | None = None  # [B, T] weight on the audio-group pass, last prefill
 
     # ------------------------------------------------------------------ install / remove
     def __enter__(self):
-        self._handles.append(self.base.register_forward_pre_hook(self._capture_batch, with_kwargs=True))
+        # a patched forward rather than a pre-hook: peft's tuners call ``model.forward`` directly, skipping hooks
+        self._patch(self.base, "forward", self._top_forward())
         if self.fork_layers == 0:
             return self  # plain decoding: nothing else to patch
         self._patch(self.lm, "forward", self._lm_forward)
@@ -132,11 +133,9 @@ class ForkMerge:
         return self
 
     def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
         for obj, name in reversed(self._patched):
             del obj.__dict__[name]  # the class attribute is what remains: bit-identical to before
-        self._handles, self._patched, self._state = [], [], None
+        self._patched, self._state = [], None
         return False
 
     def _patch(self, obj, name, fn):
@@ -146,11 +145,20 @@ class ForkMerge:
         self._patched.append((obj, name))
 
     # ------------------------------------------------------------------ per-call inputs
-    def _capture_batch(self, module, args, kwargs):
+    def _top_forward(self):
+        orig = type(self.base).forward.__get__(self.base)
+
+        @functools.wraps(orig)  # generate() checks its kwargs against this signature
+        def forward(*args, **kwargs):
+            self._capture_batch(args, kwargs)
+            return orig(*args, **kwargs)
+        return forward
+
+    def _capture_batch(self, args, kwargs):
         """Top-level forward: remember token modalities, validity and (from labels) the prompt length."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None and kwargs.get("mm_token_type_ids") is None:
-            return None  # an embeddings-only call (e.g. attribution passes): keep what the last full call said
+            return  # an embeddings-only call (e.g. attribution passes): keep what the last full call said
         self._ids = token_modality_ids({"input_ids": ids, "mm_token_type_ids": kwargs.get("mm_token_type_ids")},
                                        self.base)
         am = kwargs.get("attention_mask")
@@ -165,7 +173,6 @@ class ForkMerge:
                                      f"this batch's answers start at {sorted(set(first.tolist()))} (batch rows with "
                                      "equal prompt lengths, or use batch size 1)")
                 self.prompt_length = int(first[0])
-        return None
 
     _in_generate = False
 
