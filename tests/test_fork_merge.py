@@ -145,6 +145,11 @@ def test_bad_settings_fail_with_one_line(omni):
         fork_merge(model, merge="median")
     from mmbalance_llm.models.tiny import tiny_model_and_processor
 
+    batch = omni[2]
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[0, -1], labels[1, -2:] = 5, 5
+    with fork_merge(model, fork_layers=1), pytest.raises(ValueError, match="start their answers at one position"):
+        model(**batch, labels=labels)
     with pytest.raises(ValueError, match="two non-text modalities"):
         fork_merge(tiny_model_and_processor("qwen2_audio")[0])
 

@@ -164,12 +164,16 @@ class ForkMerge:
         am = kwargs.get("attention_mask")
         self._valid = torch.as_tensor(am).bool() if isinstance(am, torch.Tensor) and am.ndim == 2 else None
         labels = kwargs.get("labels")
-        if labels is not None and not self._in_generate:
+        if self._in_generate:
+            return  # generate() set the prompt length
+        self.prompt_length = None  # an unlabelled forward forks its whole input
+        if labels is not None:
             ans = labels != IGNORE
             if bool(ans.any(1).all()):
                 first = ans.float().argmax(1)
                 if bool((first != first[0]).any()):
-                    raise ValueError("fork-merge decoding scores rows whose answers start at the same position; "
+                    raise ValueError("fork-merge decoding needs the rows of a batch to start their answers at one "
+                                     "position; "
                                      f"this batch's answers start at {sorted(set(first.tolist()))} (batch rows with "
                                      "equal prompt lengths, or use batch size 1)")
                 self.prompt_length = int(first[0])
