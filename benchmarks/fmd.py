@@ -4,7 +4,7 @@ Per seed: build the twin (random weights), fine-tune it briefly (full model, ``m
 adapter ``none``) on the generated image+audio instruction set (every item carries a shape *and* a tone; one of
 them answers), then score the generated diagnostic benchmark (audio-needed, image-needed, text and two-modality
 items, both media always present) with plain decoding and FMD (attention-guided and average merge) on the same
-items. Reports accuracy per item type, reliance deltas (acc_full - acc_without_m) and the cost of one generated
+items; ``fmd-zero`` hides the other modality by zeroing its embeddings instead of masking its keys. Reports accuracy per item type, reliance deltas (acc_full - acc_without_m) and the cost of one generated
 token (prefill + decode, greedy) as a ratio to plain decoding.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/fmd.py --seeds 0 1 2 --out runs/bench_fmd
@@ -24,7 +24,8 @@ from bench_utils import fmt, mean_std  # noqa: E402
 
 FAMILY = "qwen2_5_omni_thinker"
 DECODINGS = {"plain": ("plain", {}), "fmd-attention": ("fmd", {"fork_layers": 1, "merge": "attention"}),
-             "fmd-average": ("fmd", {"fork_layers": 1, "merge": "average"})}
+             "fmd-average": ("fmd", {"fork_layers": 1, "merge": "average"}),
+             "fmd-zero": ("fmd", {"fork_layers": 1, "merge": "attention", "mask": "zero"})}
 GROUPS = ("audio", "image", "text", "audio+text", "image+text", "image+audio")
 
 

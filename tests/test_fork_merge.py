@@ -248,3 +248,21 @@ def test_fmd_reaches_a_peft_wrapped_model(omni):
         assert torch.equal(_logits(lora, batch).logits, plain)
     finally:
         lora.unload()
+
+
+def test_zero_mode_zeroes_the_other_modality_instead_of_masking_it(omni):
+    model, _, batch, _, _ = omni
+    visual = batch["input_ids"] == model.config.image_token_id
+    with fork_merge(model, fork_layers=1, mask="zero"):
+        out = _logits(model, batch, output_attentions=True)
+        kw = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        with torch.no_grad():
+            a, b = model.generate(**batch, **kw), model.generate(**batch, use_cache=False, **kw)
+    B = batch["input_ids"].shape[0]
+    assert float((out.attentions[0][:B] * visual[:, None, None, :]).sum()) > 0  # zeroed, still attended
+    with fork_merge(model, fork_layers=1):
+        masked = _logits(model, batch).logits
+    assert not torch.allclose(out.logits[:, -1], masked[:, -1], atol=1e-5)
+    assert torch.equal(a.sequences, b.sequences)
+    with pytest.raises(ValueError, match="mask"):
+        fork_merge(model, mask="drop")

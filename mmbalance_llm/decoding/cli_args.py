@@ -20,6 +20,9 @@ def add_decoding_args(p, allow_both: bool = False) -> None:
     p.add_argument("--fmd-merge", default="attention",
                    help="FMD merge rule for text tokens: attention (token-wise attention-guided weights), average, "
                         "or a number in [0, 1] (weight on the audio pass)")
+    p.add_argument("--fmd-mask", default="attention", choices=("attention", "zero"),
+                   help="FMD: hide the other modality from a fork by masking its keys (attention) or by zeroing "
+                        "its input embeddings (zero)")
 
 
 def decodings_from_args(a, allow_both: bool = True) -> tuple[list, dict]:
@@ -39,7 +42,7 @@ def decodings_from_args(a, allow_both: bool = True) -> tuple[list, dict]:
             raise DecodingArgError(f"--fmd-merge: {merge} is outside [0, 1]")
     if a.fork_layers is not None and a.fork_layers < 0:
         raise DecodingArgError(f"--fork-layers: {a.fork_layers} is negative")
-    return decs, {"fork_layers": a.fork_layers, "merge": merge}
+    return decs, {"fork_layers": a.fork_layers, "merge": merge, "mask": a.fmd_mask}
 
 
 def comparison_rows(by_decoding: dict) -> list:

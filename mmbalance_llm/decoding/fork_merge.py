@@ -43,6 +43,7 @@ from mmbalance_llm.models.modality_map import MODALITY_IDS, get_modality_map, to
 
 IGNORE = -100
 MERGE_RULES = ("attention", "average")
+MASK_MODES = ("attention", "zero")
 
 
 @dataclass
@@ -55,6 +56,9 @@ class FMDConfig:
     merge: Any = field(default="attention", metadata={
         "help": "merge rule for text tokens: 'attention' (token-wise weights from the last fork layer's attention), "
                 "'average' (0.5), a float weight on the audio pass, or a callable info -> Tensor[B, T]"})
+    mask: str = field(default="attention", metadata={
+        "help": "how a fork hides the other modality: 'attention' (its keys masked out) or 'zero' (its input "
+                "embeddings zeroed, positions still attended, closer to the paper's input masking)"})
     groups: tuple | None = field(default=None, metadata={
         "help": "the two modality groups that fork, e.g. (('audio',), ('image', 'video')); None = audio vs visual "
                 "when the architecture has audio, else its two non-text modalities"})
@@ -95,7 +99,8 @@ def _repeat_batch(x, B: int):
 class ForkMerge:
     """Context manager applying FMD to an HF MLLM; see the module docstring. ``with ForkMerge(model) as fmd``."""
 
-    def __init__(self, model, fork_layers: int | None = None, merge: Any = "attention", groups: tuple | None = None):
+    def __init__(self, model, fork_layers: int | None = None, merge: Any = "attention", groups: tuple | None = None,
+                 mask: str = "attention"):
         self.model = model
         self.base, self.lm = _decoder(model)
         mmap = get_modality_map(self.base)
@@ -107,6 +112,9 @@ class ForkMerge:
             raise ValueError(f"merge: unknown rule {merge!r}; choose from {', '.join(MERGE_RULES)}, "
                              "a float or a callable")
         self.merge = merge
+        if mask not in MASK_MODES:
+            raise ValueError(f"mask: unknown mode {mask!r}; choose from {', '.join(MASK_MODES)}")
+        self.mask = mask
         self.groups = tuple(tuple(g) for g in (groups or default_groups(mmap.modalities)))
         if len(self.groups) != 2 or any(m not in mmap.modalities for g in self.groups for m in g):
             raise ValueError(f"groups must be two groups of {list(mmap.modalities)}; got {groups}")
@@ -253,14 +261,14 @@ class ForkMerge:
         valid = torch.ones(B, T, dtype=torch.bool, device=emb.device) if valid is None else valid.to(emb.device)
         valid = valid[:, -T:]
         self._state = {"B": B, "T": T, "groups": grp, "valid": valid, "attn": None,
-                       "mask": self._fork_mask(grp, valid, emb.dtype)}
+                       "mask": self._fork_mask(grp, valid, emb.dtype, hide_keys=self.mask == "attention")}
         try:
             return orig(**kw)
         finally:
             self._state = None
 
     @staticmethod
-    def _fork_mask(grp, valid, dtype):
+    def _fork_mask(grp, valid, dtype, hide_keys: bool = True):
         """[2B, 1, T, T] additive mask: causal, padding keys out, the *other* group's keys out (own key kept)."""
         B, T = valid.shape
         dev = valid.device
@@ -268,7 +276,7 @@ class ForkMerge:
         eye = torch.eye(T, dtype=torch.bool, device=dev)
         allowed = []
         for other in (grp[1], grp[0]):  # fork 0 (group 0 only) hides group 1's keys, and vice versa
-            keys = valid & ~other  # [B, T]
+            keys = valid & ~other if hide_keys else valid  # [B, T]
             allowed.append((causal[None] & keys[:, None, :]) | eye[None])
         allowed = torch.cat(allowed, 0)[:, None]
         mask = torch.zeros(allowed.shape, dtype=dtype, device=dev)
@@ -284,7 +292,12 @@ class ForkMerge:
                 return orig(hidden_states, *args, **kw)
             B = st["B"]
             if i == 0:
-                hidden_states = torch.cat([hidden_states, hidden_states], 0)
+                if self.mask == "zero":  # each fork sees the other group's positions with zero embeddings
+                    ga, gv = st["groups"]
+                    hidden_states = torch.cat([hidden_states.masked_fill(gv[..., None], 0),
+                                               hidden_states.masked_fill(ga[..., None], 0)], 0)
+                else:
+                    hidden_states = torch.cat([hidden_states, hidden_states], 0)
             kw["attention_mask"] = st["mask"]
             if "pos2" not in st:
                 pe = kw.get("position_embeddings")
@@ -355,10 +368,10 @@ class ForkMerge:
         return merged
 
 
-def fork_merge(model, fork_layers: int | None = None, merge: Any = "attention",
-               groups: tuple | None = None) -> ForkMerge:
+def fork_merge(model, fork_layers: int | None = None, merge: Any = "attention", groups: tuple | None = None,
+               mask: str = "attention") -> ForkMerge:
     """``with fork_merge(model, fork_layers, merge):`` -- apply Fork-Merge Decoding inside the block."""
-    return ForkMerge(model, fork_layers=fork_layers, merge=merge, groups=groups)
+    return ForkMerge(model, fork_layers=fork_layers, merge=merge, groups=groups, mask=mask)
 
 
 def decoding_context(model, decoding: str = "plain", **fmd_kwargs):
