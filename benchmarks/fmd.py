@@ -3,9 +3,10 @@
 Per seed: build the twin (random weights), fine-tune it briefly (full model, ``mmbalance_llm.train.sft.run``,
 adapter ``none``) on the generated image+audio instruction set (every item carries a shape *and* a tone; one of
 them answers), then score the generated diagnostic benchmark (audio-needed, image-needed, text and two-modality
-items, both media always present) with plain decoding and FMD (attention-guided and average merge) on the same
-items; ``fmd-zero`` hides the other modality by zeroing its embeddings instead of masking its keys. Reports accuracy per item type, reliance deltas (acc_full - acc_without_m) and the cost of one generated
-token (prefill + decode, greedy) as a ratio to plain decoding.
+items, both media always present) with plain decoding and FMD (attention-guided and average merge; ``fmd-zero``
+hides the other modality by zeroing its embeddings instead of masking its keys) on the same items. Reports
+accuracy per item type, reliance deltas (acc_full - acc_without_m) and the cost of one generated token
+(prefill + decode, greedy) as a ratio to plain decoding.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/fmd.py --seeds 0 1 2 --out runs/bench_fmd
 
