@@ -266,3 +266,7 @@ def test_zero_mode_zeroes_the_other_modality_instead_of_masking_it(omni):
     assert torch.equal(a.sequences, b.sequences)
     with pytest.raises(ValueError, match="mask"):
         fork_merge(model, mask="drop")
+    from mmbalance_llm.decoding import FMDConfig, ForkMerge
+
+    fm = ForkMerge.from_config(model, FMDConfig(fork_layers=1, merge="average", mask="zero"))
+    assert (fm.fork_layers, fm.merge, fm.mask) == (1, "average", "zero")

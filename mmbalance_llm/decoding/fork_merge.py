@@ -127,6 +127,10 @@ class ForkMerge:
         self._patched: list = []
         self.last_merge_weights: torch.Tensor | None = None  # [B, T] weight on the audio-group pass, last prefill
 
+    @classmethod
+    def from_config(cls, model, config: FMDConfig) -> "ForkMerge":
+        return cls(model, fork_layers=config.fork_layers, merge=config.merge, groups=config.groups, mask=config.mask)
+
     # ------------------------------------------------------------------ install / remove
     def __enter__(self):
         # a patched forward rather than a pre-hook: peft's tuners call ``model.forward`` directly, skipping hooks
