@@ -31,14 +31,15 @@ GROUPS = ("audio", "image", "text", "audio+text", "image+text", "image+audio")
 
 
 def finetune(root: Path, seed: int, data_dir: Path, epochs: int, n_train: int) -> tuple:
+    import importlib.util
+
     from mmbalance_llm.eval.reliance import load_mllm
     from mmbalance_llm.models.tiny import build_tiny
-    from mmbalance_llm.train.sft import load_sft_recipe, run
 
     tiny = build_tiny(FAMILY, root / f"tiny-{seed}", seed=seed)
     if epochs == 0:
         return load_mllm(str(tiny)), {}
-    cfg = load_sft_recipe({
+    raw = {
         "task": "sft", "output_dir": str(root / f"sft-{seed}"), "adapter": "none",
         "model": {"name_or_path": str(tiny),
                   "freeze": {"tower": False, "projector": False, "language_model": False}},
@@ -48,13 +49,20 @@ def finetune(root: Path, seed: int, data_dir: Path, epochs: int, n_train: int) -
                               "n_test": 0, "seed": 0}},
         "train": {"epochs": epochs, "batch_size": 16, "lr": 3.0e-3, "warmup_ratio": 0.05, "seed": seed,
                   "log_every": 1000},
-        "eval": {"accuracy": "options", "batch_size": 64}})
-    final = run(cfg)
+        "eval": {"accuracy": "options", "batch_size": 64}}
+    if importlib.util.find_spec("mmbalance_llm.train.tasks") is not None:  # the unified loop (train/tasks/sft.py)
+        from mmbalance_llm.train.trainer import train
+
+        final = train(raw) or {}
+    else:  # the first SFT loop
+        from mmbalance_llm.train.sft import load_sft_recipe, run
+
+        final = run(load_sft_recipe(raw))
     from mmbalance_llm.data.chat import load_processor
     from mmbalance_llm.models.modality_map import model_class_for
     from transformers import AutoConfig
 
-    best = root / f"sft-{seed}" / "best"  # full weights (adapter none), saved by save_pretrained
+    best = root / f"sft-{seed}" / "best"  # full weights (adapter none); the processor is read from the twin
     model = model_class_for(AutoConfig.from_pretrained(best)).from_pretrained(best)
     return (model.eval(), load_processor(str(tiny))), final
 
