@@ -270,3 +270,28 @@ def test_zero_mode_zeroes_the_other_modality_instead_of_masking_it(omni):
 
     fm = ForkMerge.from_config(model, FMDConfig(fork_layers=1, merge="average", mask="zero"))
     assert (fm.fork_layers, fm.merge, fm.mask) == (1, "average", "zero")
+
+
+def test_existing_instance_forwards_are_wrapped_and_restored(omni):
+    """accelerate's device-map hooks put a ``forward`` on each module instance: FMD wraps it and puts it back."""
+    model, _, batch, _, _ = omni
+    layer = model.model.language_model.layers[0]
+    calls = []
+    orig = layer.forward
+
+    def hooked(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    layer.forward = hooked
+    try:
+        ref = _logits(model, batch).logits
+        with fork_merge(model, fork_layers=1):
+            out = _logits(model, batch).logits
+            with pytest.raises(RuntimeError, match="already patched"):
+                fork_merge(model, fork_layers=1).__enter__()
+        assert layer.__dict__["forward"] is hooked and len(calls) == 2
+        assert not torch.allclose(ref, out, atol=1e-5)
+        assert torch.equal(_logits(model, batch).logits, ref)
+    finally:
+        del layer.forward

@@ -133,33 +133,48 @@ class ForkMerge:
 
     # ------------------------------------------------------------------ install / remove
     def __enter__(self):
-        # a patched forward rather than a pre-hook: peft's tuners call ``model.forward`` directly, skipping hooks
-        self._patch(self.base, "forward", self._top_forward())
-        if self.fork_layers == 0:
-            return self  # plain decoding: nothing else to patch
-        self._patch(self.lm, "forward", self._lm_forward)
-        for i in range(self.fork_layers):
-            layer = self.lm.layers[i]
-            self._patch(layer, "forward", self._layer_forward(i, layer.forward))
-        self._patch(self.base, "generate", self._generate(self.base.generate))
+        try:
+            # a patched forward rather than a pre-hook: peft's tuners call ``model.forward`` directly (no hooks)
+            self._patch(self.base, "forward", self._top_forward)
+            if self.fork_layers == 0:
+                return self  # plain decoding: nothing else to patch
+            self._lm_orig = self._patch(self.lm, "forward", lambda orig: self._lm_forward)
+            for i in range(self.fork_layers):
+                self._patch(self.lm.layers[i], "forward", lambda orig, i=i: self._layer_forward(i, orig))
+            self._patch(self.base, "generate", self._generate)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc):
-        for obj, name in reversed(self._patched):
-            del obj.__dict__[name]  # the class attribute is what remains: bit-identical to before
+        for obj, name, prev in reversed(self._patched):
+            if prev is None:
+                del obj.__dict__[name]  # the class attribute is what remains: bit-identical to before
+            else:
+                obj.__dict__[name] = prev  # e.g. accelerate's device-map hook, put back as it was
         self._patched, self._state = [], None
         return False
 
-    def _patch(self, obj, name, fn):
-        if name in obj.__dict__:
+    def _patch(self, obj, name, make):
+        """Install ``make(previous)`` as ``obj.<name>``; returns the previous callable. A previous instance
+        attribute (accelerate's device-map hooks set one on ``forward``) is wrapped and restored on exit."""
+        prev = obj.__dict__.get(name)
+        if getattr(prev, "_mmbalance_fmd", False):
             raise RuntimeError(f"fork-merge decoding: {type(obj).__name__}.{name} is already patched (nested FMD?)")
+        orig = prev if prev is not None else getattr(type(obj), name).__get__(obj)
+        fn = make(orig)
+        try:
+            fn._mmbalance_fmd = True
+        except AttributeError:  # a bound method: wrap it so the marker can be set
+            fn = functools.wraps(orig)(lambda *a, _f=fn, **k: _f(*a, **k))
+            fn._mmbalance_fmd = True
         obj.__dict__[name] = fn
-        self._patched.append((obj, name))
+        self._patched.append((obj, name, prev))
+        return orig
 
     # ------------------------------------------------------------------ per-call inputs
-    def _top_forward(self):
-        orig = type(self.base).forward.__get__(self.base)
-
+    def _top_forward(self, orig):
         @functools.wraps(orig)  # generate() checks its kwargs against this signature
         def forward(*args, **kwargs):
             self._capture_batch(args, kwargs)
@@ -216,7 +231,7 @@ class ForkMerge:
         return ids, valid
 
     def _lm_forward(self, *args, **kw):
-        orig = type(self.lm).forward.__get__(self.lm)
+        orig = self._lm_orig
         emb = kw.get("inputs_embeds")
         cache = kw.get("cache", kw.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
