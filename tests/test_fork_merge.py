@@ -173,6 +173,9 @@ def test_reliance_cli_compares_plain_and_fmd_on_the_same_items(omni, tmp_path, c
     assert "fmd − plain" in (out / "comparison.md").read_text()
     assert reliance_main(["--model", str(mdir), "--benchmark", info["avqa"], "--decoding", "greedy"]) == 2
     assert "--decoding" in capsys.readouterr().err
+    assert reliance_main(["--model", str(mdir), "--benchmark", info["avqa"], "--decoding", "fmd",
+                          "--fork-layers", "5", "--out", str(tmp_path / "bad")]) == 2
+    assert "fork_layers" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_attribute_cli_under_fmd_differs_from_plain(omni, tmp_path):

@@ -129,6 +129,13 @@ def attribute_main(argv: list[str]) -> int:
 
         model, proc = load_mllm(a.model)
         if decoding == "fmd":  # FMD forks each prompt: one sample per batch (prompt lengths differ)
+            from mmbalance_llm.decoding import ForkMerge
+
+            try:
+                ForkMerge(model, **fmd)
+            except ValueError as e:
+                print(f"error: --decoding fmd: {e}", file=sys.stderr)
+                return 2
             a.batch_size = 1
         source = ((b, ids, ans, tok) for b, ids, ans, tok in _hf_batches(model, proc, a.data, a.limit, a.batch_size,
                                                                           a.media_dir))

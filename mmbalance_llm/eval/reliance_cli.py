@@ -55,6 +55,14 @@ def reliance_main(argv: list[str]) -> int:
     if not hasattr(scorer, "accepts"):
         print(f"error: --model {a.model} is not a multimodal LLM with a modality map", file=sys.stderr)
         return 2
+    if "fmd" in decodings:  # check the settings against this model before anything is written
+        from mmbalance_llm.decoding import ForkMerge
+
+        try:
+            ForkMerge(scorer.model, **fmd)
+        except ValueError as e:
+            print(f"error: --decoding fmd: {e}", file=sys.stderr)
+            return 2
     base = load_scorer(a.base_llm, a.batch_size) if a.base_llm else None
     task = a.task or Path(a.benchmark).stem
     out = a.out or str(Path(a.benchmark).with_name(f"{task}-reliance"))
