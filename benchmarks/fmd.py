@@ -27,16 +27,28 @@ FAMILY = "qwen2_5_omni_thinker"
 DECODINGS = {"plain": ("plain", {}), "fmd-attention": ("fmd", {"fork_layers": 1, "merge": "attention"}),
              "fmd-average": ("fmd", {"fork_layers": 1, "merge": "average"}),
              "fmd-zero": ("fmd", {"fork_layers": 1, "merge": "attention", "mask": "zero"})}
+
+
+def set_fork_layers(forks: list) -> None:
+    """One column per (variant, L_fork) when several fork depths are asked for (deeper twins)."""
+    if forks == [1]:
+        return
+    base = {k: v for k, v in DECODINGS.items() if k != "plain"}
+    DECODINGS.clear()
+    DECODINGS["plain"] = ("plain", {})
+    for L in forks:
+        for name, (dec, kw) in base.items():
+            DECODINGS[f"{name}-L{L}"] = (dec, {**kw, "fork_layers": L})
 GROUPS = ("audio", "image", "text", "audio+text", "image+text", "image+audio")
 
 
-def finetune(root: Path, seed: int, data_dir: Path, epochs: int, n_train: int) -> tuple:
+def finetune(root: Path, seed: int, data_dir: Path, epochs: int, n_train: int, layers: int = 2) -> tuple:
     import importlib.util
 
     from mmbalance_llm.eval.reliance import load_mllm
     from mmbalance_llm.models.tiny import build_tiny
 
-    tiny = build_tiny(FAMILY, root / f"tiny-{seed}", seed=seed)
+    tiny = build_tiny(FAMILY, root / f"tiny-{seed}", seed=seed, text_layers=layers)
     if epochs == 0:
         return load_mllm(str(tiny)), {}
     raw = {
@@ -120,7 +132,10 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=12, help="fine-tuning epochs (0: random twins)")
     p.add_argument("--n-train", type=int, default=600)
     p.add_argument("--n-items", type=int, default=120, help="diagnostic benchmark items")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers of the twin")
+    p.add_argument("--fork-layers", type=int, nargs="+", default=[1], help="FMD fork depths to compare")
     a = p.parse_args(argv)
+    set_fork_layers(a.fork_layers)
     import torch
 
     torch.set_num_threads(1)
@@ -134,7 +149,7 @@ def main(argv=None) -> int:
     runs, t0 = [], time.perf_counter()
     for seed in a.seeds:
         t = time.perf_counter()
-        (model, proc), final = finetune(root, seed, root / "mm_instruct_av", a.epochs, a.n_train)
+        (model, proc), final = finetune(root, seed, root / "mm_instruct_av", a.epochs, a.n_train, a.layers)
         t_ft = time.perf_counter() - t
         res = score(model, proc, items)
         cost = generation_cost(model, proc, items)
@@ -144,17 +159,18 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t0
     (root / "fmd.json").write_text(json.dumps({"runs": runs, "n_items": len(items), "total_s": total}, indent=1,
                                               default=str))
-    md = table(runs, len(items), total)
+    md = table(runs, len(items), total, a.layers, a.fork_layers)
     (root / "fmd.md").write_text(md)
     print(md)
     return 0
 
 
-def table(runs, n_items, total) -> str:
+def table(runs, n_items, total, layers: int = 2, forks=(1,)) -> str:
     def cell(name, key):
         return fmt(mean_std([r["scores"][name]["results"].get(key) for r in runs]))
 
-    lines = [f"{len(runs)} seeds × {n_items} diagnostic items; accuracy in % (mean ± std over seeds); fork_layers = 1 of 2; "
+    lines = [f"{len(runs)} seeds × {n_items} diagnostic items; accuracy in % (mean ± std over seeds); "
+             f"fork_layers = {', '.join(map(str, forks))} of {layers}; "
              f"total {total:.0f} s", "",
              "| item type (needs) | " + " | ".join(DECODINGS) + " |", "|---|" + "---|" * len(DECODINGS)]
     for g in GROUPS:

@@ -121,12 +121,14 @@ def _text_cfg(tok, **extra):
     return cfg
 
 
-def _build(family: str, seed: int):
+def _build(family: str, seed: int, text_layers: int | None = None):
     import torch
     import transformers as T
 
     if family not in ALL_FAMILIES:
         raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(ALL_FAMILIES)}")
+    if text_layers is not None and family != "qwen2_5_omni_thinker":
+        raise ValueError(f"text_layers: only the qwen2_5_omni_thinker twin takes a decoder depth, not {family!r}")
     tok = train_tokenizer(family)
     ids = lambda t: tok.convert_tokens_to_ids(t)  # noqa: E731
     torch.manual_seed(seed)
@@ -171,7 +173,7 @@ def _build(family: str, seed: int):
 
             proc = MMProcessor(tokenizer=tok, image_processor=ip)
     elif family == "qwen2_5_omni_thinker":
-        model, proc = _build_omni_thinker(tok, ids)
+        model, proc = _build_omni_thinker(tok, ids, text_layers or 2)
     else:  # qwen2_audio
         frames = AUDIO_SECONDS * AUDIO_SR // 160
         ac = dict(num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
@@ -194,7 +196,7 @@ def _whisper_features():
                                      chunk_length=AUDIO_SECONDS, n_fft=400, return_attention_mask=True)
 
 
-def _build_omni_thinker(tok, ids):
+def _build_omni_thinker(tok, ids, text_layers: int = 2):
     """Qwen2.5-Omni's thinker (image + video + audio towers, Qwen2 decoder with 3-D M-RoPE), tiny sizes.
 
     Its HF processor needs a torchvision video processor, so the processor here is the toolkit's
@@ -206,7 +208,8 @@ def _build_omni_thinker(tok, ids):
     from mmbalance_llm.data.chat import MMProcessor
 
     frames = AUDIO_SECONDS * AUDIO_SR // 160
-    text = _text_cfg(tok, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    text = _text_cfg(tok, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                     num_hidden_layers=text_layers)
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=4,
                   spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1])
     audio = dict(num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
@@ -224,12 +227,13 @@ def _build_omni_thinker(tok, ids):
     return model, MMProcessor(tokenizer=tok, image_processor=ip, feature_extractor=_whisper_features())
 
 
-def tiny_model_and_processor(family: str, seed: int = 0):
-    """Return ``(model, processor)`` for a tiny random-weight twin of ``family`` (in memory, nothing written)."""
-    return _build(family, seed)
+def tiny_model_and_processor(family: str, seed: int = 0, text_layers: int | None = None):
+    """Return ``(model, processor)`` for a tiny random-weight twin of ``family`` (in memory, nothing written).
+    ``text_layers``: decoder depth of the Qwen2.5-Omni thinker twin (default 2)."""
+    return _build(family, seed, text_layers)
 
 
-def build_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny(family: str, out_dir: str | Path, seed: int = 0, text_layers: int | None = None) -> Path:
     """Build the tiny twin of ``family`` and save model (safetensors) + processor + tokenizer to ``out_dir``.
 
     ``AutoProcessor.from_pretrained(out_dir)`` and ``<ModelClass>.from_pretrained(out_dir)`` then load it offline.
@@ -240,7 +244,7 @@ def build_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
         for f in ALL_FAMILIES:
             build_tiny(f, out / f, seed)
         return out
-    model, proc = _build(family, seed)
+    model, proc = _build(family, seed, text_layers)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     if family == "qwen2_5_omni_thinker":  # its image processor and feature extractor share a config name
