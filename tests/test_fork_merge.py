@@ -152,6 +152,8 @@ def test_bad_settings_fail_with_one_line(omni):
         model(**batch, labels=labels)
     with pytest.raises(ValueError, match="two non-text modalities"):
         fork_merge(tiny_model_and_processor("qwen2_audio")[0])
+    with pytest.raises(ValueError, match="text_layers"):
+        tiny_model_and_processor("qwen2_audio", text_layers=4)
 
 
 def test_reliance_cli_compares_plain_and_fmd_on_the_same_items(omni, tmp_path, capsys):
