@@ -174,3 +174,25 @@ def test_sft_under_deepspeed_zero2_matches_ddp(tmp_path):
         results[name] = json.loads((tmp_path / name / "final_metrics.json").read_text())
     assert results["zero2"]["distributed_type"] == "DEEPSPEED" and results["zero2"]["world_size"] == 2
     assert results["zero2"]["validation"]["loss"] == pytest.approx(results["ddp"]["validation"]["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("family, modality", [("llava", "image"), ("qwen2_audio", "audio"), ("qwen2_vl", "image")])
+def test_fast_padding_of_preprocessed_rows_equals_the_collator(tmp_path, family, modality):
+    from mmbalance_llm.data.chat import ChatCollator, load_conversations
+    from mmbalance_llm.data.mm_synthetic import write_instruction_set
+    from mmbalance_llm.models.modality_map import get_modality_map
+    from mmbalance_llm.models.tiny import tiny_model_and_processor
+    from mmbalance_llm.train.tasks.sft_data import pad_rows, preprocess_split, row_to_encoding
+
+    paths = write_instruction_set(tmp_path / "d", (modality,), 6, 1, 1, seed=3)
+    recs = load_conversations(paths["train"])
+    model, proc = tiny_model_and_processor(family)
+    coll = ChatCollator(proc, model.config, max_length=96)
+    split, keys = preprocess_split(coll, recs, "train", "train.json", {"t": family}, str(tmp_path / "cache"))
+    rows = split.__getitems__(list(range(len(recs))))
+    fast = pad_rows(rows, keys, coll.tok.pad_token_id or 0, get_modality_map(model).uses_mm_token_type_ids)
+    ref = coll.pad([row_to_encoding(r, keys) for r in rows])
+    direct = coll.pad([coll.encode(r) for r in recs])  # the cache holds what the collator makes
+    assert fast.keys() == ref.keys() == direct.keys()
+    for k in ref:
+        assert torch.equal(fast[k], ref[k]) and torch.equal(ref[k], direct[k]), k

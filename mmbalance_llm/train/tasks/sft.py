@@ -158,13 +158,11 @@ class SFTTask(Task):
         return names
 
     def collate(self, rows):
-        from mmbalance_llm.train.tasks.sft_data import row_to_encoding
-        from mmbalance_llm.train.tasks.sft_eval import to_device
+        from mmbalance_llm.train.tasks.sft_data import pad_rows
 
-        import torch
-
-        batch = self.collator.pad([row_to_encoding(r, self.media_keys) for r in rows])
-        return to_device(batch, torch.device("cpu"), self.dtype)
+        tok = self.collator.tok
+        return pad_rows(rows, self.media_keys, tok.pad_token_id if tok.pad_token_id is not None else 0,
+                        self.mmap.uses_mm_token_type_ids, self.dtype)
 
     def has_split(self, split: str) -> bool:
         return split in self.records
