@@ -1,6 +1,6 @@
 """Fork-Merge Decoding vs plain decoding on the tiny Qwen2.5-Omni thinker twin (image + audio), CPU.
 
-Per seed: build the twin (random weights), fine-tune it briefly (full model, ``mmbalance_llm.train.sft.run``,
+Per seed: build the twin (random weights), fine-tune it briefly (full model, ``mmbalance_llm.train.trainer.train``,
 adapter ``none``) on the generated image+audio instruction set (every item carries a shape *and* a tone; one of
 them answers), then score the generated diagnostic benchmark (audio-needed, image-needed, text and two-modality
 items, both media always present) with plain decoding and FMD (attention-guided and average merge; ``fmd-zero``
@@ -43,7 +43,6 @@ GROUPS = ("audio", "image", "text", "audio+text", "image+text", "image+audio")
 
 
 def finetune(root: Path, seed: int, data_dir: Path, epochs: int, n_train: int, layers: int = 2) -> tuple:
-    import importlib.util
 
     from mmbalance_llm.eval.reliance import load_mllm
     from mmbalance_llm.models.tiny import build_tiny
@@ -56,20 +55,16 @@ def finetune(root: Path, seed: int, data_dir: Path, epochs: int, n_train: int, l
         "model": {"name_or_path": str(tiny),
                   "freeze": {"tower": False, "projector": False, "language_model": False}},
         "data": {"train": str(data_dir / "train.json"), "validation": str(data_dir / "validation.json"),
-                 "max_length": 128, "media_cache": 2000, "precheck": False,
+                 "max_length": 128,
                  "generate": {"modalities": ["image", "audio"], "n_train": n_train, "n_validation": 60,
                               "n_test": 0, "seed": 0}},
-        "train": {"epochs": epochs, "batch_size": 16, "lr": 3.0e-3, "warmup_ratio": 0.05, "seed": seed,
-                  "log_every": 1000},
-        "eval": {"accuracy": "options", "batch_size": 64}}
-    if importlib.util.find_spec("mmbalance_llm.train.tasks") is not None:  # the unified loop (train/tasks/sft.py)
-        from mmbalance_llm.train.trainer import train
+        "train": {"num_train_epochs": epochs, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 64,
+                  "learning_rate": 3.0e-3, "warmup_ratio": 0.05, "seed": seed, "logging_steps": 1000,
+                  "progress": False},
+        "eval": {"accuracy": "options"}}
+    from mmbalance_llm.train.trainer import train
 
-        final = train(raw) or {}
-    else:  # the first SFT loop
-        from mmbalance_llm.train.sft import load_sft_recipe, run
-
-        final = run(load_sft_recipe(raw))
+    final = train(raw) or {}
     from mmbalance_llm.data.chat import load_processor
     from mmbalance_llm.models.modality_map import model_class_for
     from transformers import AutoConfig
