@@ -84,36 +84,43 @@ def adapter_b_modules(model) -> list:
 class AdapterGradScale:
     """Scales the gradient at each modality's token positions of every adapter output by a coefficient.
 
-    ``set(masks, coeffs)`` before the forward: masks {modality: Bool[B,T]}, coeffs {modality: float}; positions of
-    a modality whose coefficient is 1 (and padding) are left alone. Outputs whose [B,T] differ from the masks
-    (generation, a dropped-modality batch) are not touched."""
+    ``arm(masks)`` before the forward ({modality: Bool[B,T]}): adapter outputs of that [B,T] get a tensor hook;
+    ``set_coeffs(coeffs)`` any time before the backward ({modality: float}) fixes the factors the hooks apply
+    (positions of a modality without a coefficient, and padding, keep factor 1; all-1 coefficients change
+    nothing). Outputs of another [B,T] (generation, a dropped-modality batch) are not touched."""
 
     def __init__(self, model):
         self.modules = adapter_b_modules(model)
         if not self.modules:
             raise ValueError("the model has no adapter (lora_B) layers: the gradient modulation needs adapter: lora "
                              "or adapter: moka")
-        self.scale = None
+        self.masks, self.scale = None, None
         self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
 
-    def set(self, masks: dict | None, coeffs: dict | None) -> None:
+    def arm(self, masks: dict | None) -> None:
+        self.masks, self.scale = masks, None
+
+    def set_coeffs(self, coeffs: dict | None) -> None:
         self.scale = None
-        if not masks or not coeffs or all(c == 1.0 for c in coeffs.values()):
+        if not self.masks or not coeffs or all(c == 1.0 for c in coeffs.values()):
             return
-        any_mask = next(iter(masks.values()))
+        any_mask = next(iter(self.masks.values()))
         scale = torch.ones(any_mask.shape, dtype=torch.float32, device=any_mask.device)
         for m, c in coeffs.items():
-            if c != 1.0 and m in masks:
-                scale[masks[m]] = float(c)
-        self.scale = scale
+            if c != 1.0 and m in self.masks:
+                scale[self.masks[m]] = float(c)
+        self.scale = scale.unsqueeze(-1)
+
+    def _apply(self, g):
+        s = self.scale
+        return None if s is None else g * s.to(g.device, g.dtype)
 
     def _hook(self, _mod, _inp, out):
-        s = self.scale
-        if s is None or not torch.is_grad_enabled() or not out.requires_grad or out.dim() != 3 \
-                or tuple(out.shape[:2]) != tuple(s.shape):
+        masks = self.masks
+        if not masks or not torch.is_grad_enabled() or not isinstance(out, torch.Tensor) or not out.requires_grad \
+                or out.dim() != 3 or tuple(out.shape[:2]) != tuple(next(iter(masks.values())).shape):
             return None
-        factor = s.to(out.device, out.dtype).unsqueeze(-1)
-        out.register_hook(lambda g: g * factor)
+        out.register_hook(self._apply)  # reads the coefficients at backward time
         return None
 
     def remove(self) -> None:
