@@ -9,8 +9,8 @@ batch, and token-masked gradient scaling inside the adapter.
 * `blank_prompt_text(model, batch)`: a context manager in which the decoder's input embeddings of the prompt's
   text tokens are zero (the first position, the media positions and the answer tokens are kept): "text removed"
   at unchanged sequence length, so MokA's masks and gradient checkpointing see the same layout.
-* `AdapterGradScale`: forward hooks on every adapter ``lora_B`` that register a tensor hook on its output,
-  multiplying the gradient at the token positions of each modality by that modality's coefficient.
+* `AdapterGradScale`: forward hooks on every adapter projection (LoRA / MokA A and B) that scale the weights'
+  gradient contributions from each modality's token positions by that modality's coefficient.
 """
 from __future__ import annotations
 
@@ -71,31 +71,41 @@ def blank_prompt_text(model, batch: dict, text_mask: torch.Tensor):
         handle.remove()
 
 
-def adapter_b_modules(model) -> list:
-    """Every adapter up-projection (peft LoRA / MokA ``lora_B[adapter]``) of the model's decoder."""
+def adapter_modules(model) -> list:
+    """(name, kind, module) of every adapter projection: kind "A" for LoRA's ``lora_A[adapter]`` and MokA's
+    ``lora_moka_A_<m>[adapter]``, kind "B" for ``lora_B[adapter]``."""
     out = []
-    for mod in model.modules():
-        lora_b = getattr(mod, "lora_B", None)
-        if isinstance(lora_b, torch.nn.ModuleDict):
-            out.extend(lora_b.values())
+    for name, mod in model.named_modules():
+        for attr, holder in mod._modules.items():
+            if not isinstance(holder, torch.nn.ModuleDict):
+                continue
+            kind = "A" if attr == "lora_A" or attr.startswith("lora_moka_A_") else "B" if attr == "lora_B" else None
+            if kind:
+                out.extend((f"{name}.{attr}.{k}", kind, v) for k, v in holder.items())
     return out
 
 
 class AdapterGradScale:
-    """Scales the gradient at each modality's token positions of every adapter output by a coefficient.
+    """Scales the adapter weights' gradient contributions from each modality's token positions by a coefficient.
 
-    ``arm(masks)`` before the forward ({modality: Bool[B,T]}): adapter outputs of that [B,T] get a tensor hook;
-    ``set_coeffs(coeffs)`` any time before the backward ({modality: float}) fixes the factors the hooks apply
-    (positions of a modality without a coefficient, and padding, keep factor 1; all-1 coefficients change
-    nothing). Outputs of another [B,T] (generation, a dropped-modality batch) are not touched."""
+    Every adapter projection P (LoRA's A and B, MokA's A_m) computes ``P(x)`` as
+    ``linear(x.detach(), W) + linear(x - x.detach(), W.detach())``: the same value, but the first term carries
+    the gradient to W and gets a tensor hook that multiplies the gradient at position t by the coefficient of t's
+    modality, while the second carries the (unscaled) gradient to the layer input. So dL/dW becomes
+    sum_t k_{m(t)} g_t x_t^T exactly, and nothing else in the backward changes (MokA's A_m, which only sees its own
+    modality's positions, gets exactly k_m times its gradient).
+
+    ``arm(masks)`` before the forward ({modality: Bool[B,T]}); ``set_coeffs(coeffs)`` any time before the backward
+    ({modality: float}; positions of a modality without a coefficient, and padding, keep factor 1; all-1
+    coefficients change nothing). Inputs of another [B,T] (generation, a dropped-modality batch) are not touched."""
 
     def __init__(self, model):
-        self.modules = adapter_b_modules(model)
+        self.modules = [mod for _n, _k, mod in adapter_modules(model)]
         if not self.modules:
             raise ValueError("the model has no adapter (lora_B) layers: the gradient modulation needs adapter: lora "
                              "or adapter: moka")
         self.masks, self.scale = None, None
-        self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
+        self.handles = [m.register_forward_hook(self._hook) for m in self.modules if isinstance(m, torch.nn.Linear)]
 
     def arm(self, masks: dict | None) -> None:
         self.masks, self.scale = masks, None
@@ -115,13 +125,16 @@ class AdapterGradScale:
         s = self.scale
         return None if s is None else g * s.to(g.device, g.dtype)
 
-    def _hook(self, _mod, _inp, out):
+    def _hook(self, mod, inp, out):
         masks = self.masks
-        if not masks or not torch.is_grad_enabled() or not isinstance(out, torch.Tensor) or not out.requires_grad \
-                or out.dim() != 3 or tuple(out.shape[:2]) != tuple(next(iter(masks.values())).shape):
+        x = inp[0] if inp else None
+        if not masks or not torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.dim() != 3 \
+                or tuple(x.shape[:2]) != tuple(next(iter(masks.values())).shape) or mod.bias is not None:
             return None
-        out.register_hook(self._apply)  # reads the coefficients at backward time
-        return None
+        weight_path = F.linear(x.detach(), mod.weight)
+        if weight_path.requires_grad:
+            weight_path.register_hook(self._apply)  # reads the coefficients at backward time
+        return weight_path + F.linear(x - x.detach(), mod.weight.detach())
 
     def remove(self) -> None:
         for h in self.handles:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from mmbalance_llm.balance._mllm import IGNORE, answer_logprob, without
+from mmbalance_llm.balance._mllm import IGNORE, adapter_modules, answer_logprob, without
 from mmbalance_llm.models.modality_map import get_modality_map, modality_masks
 
 # --------------------------------------------------------------------------------------------- reliance
@@ -105,20 +105,6 @@ def reliance_metrics(sums: dict, media: tuple) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- gradient share
-
-
-def adapter_modules(model) -> list:
-    """(name, kind, module) of every adapter projection: kind "A" for LoRA's ``lora_A[adapter]`` and MokA's
-    ``lora_moka_A_<m>[adapter]``, kind "B" for ``lora_B[adapter]``."""
-    out = []
-    for name, mod in model.named_modules():
-        for attr, holder in mod._modules.items():
-            if not isinstance(holder, torch.nn.ModuleDict):
-                continue
-            kind = "A" if attr == "lora_A" or attr.startswith("lora_moka_A_") else "B" if attr == "lora_B" else None
-            if kind:
-                out.extend((f"{name}.{attr}.{k}", kind, v) for k, v in holder.items())
-    return out
 
 
 class GradientSplit:
@@ -304,7 +290,9 @@ def sft_diagnostics(model, batches, accelerator=None, reliance: bool = True, gra
         if attention:
             sums, rows = attention_sums(model, batches, modalities)
             if accelerator is not None and accelerator.num_processes > 1:
-                stacked = accelerator.reduce(torch.stack([sums[m] for m in modalities]), reduction="sum")
+                layers = _base(model).config.get_text_config().num_hidden_layers  # a rank may have no batch
+                zero = torch.zeros(layers, device=accelerator.device)
+                stacked = accelerator.reduce(torch.stack([sums.get(m, zero) for m in modalities]), reduction="sum")
                 sums = dict(zip(modalities, stacked))
                 rows = float(accelerator.reduce(torch.tensor([float(rows)], device=accelerator.device),
                                                 reduction="sum"))
