@@ -217,30 +217,54 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _decoder_layers(net):
+    from mmbalance_llm.attribution.hf import _decoder
+
+    _, lm, _ = _decoder(net)
+    layers = getattr(lm, "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise ValueError(f"attention share: cannot find the decoder layers' self_attn in {type(lm).__name__}")
+    return [layer.self_attn for layer in layers]
+
+
 @torch.no_grad()
 def attention_sums(net, batches, modalities) -> tuple[dict, int]:
-    """({modality: tensor [L] of summed attention mass}, number of answer-predicting query rows)."""
+    """({modality: tensor [L] of summed attention mass}, number of answer-predicting query rows).
+
+    Each layer's attention weights are reduced by a forward hook on its ``self_attn`` as soon as they exist (only
+    the answer-predicting rows are kept), so the full [B, H, T, T] maps of all layers are never held together."""
     base = _base(net)
     prev = getattr(base.config, "_attn_implementation", None)
-    sums, rows = {}, 0
+    attn = _decoder_layers(net)
+    sums, rows = {m: torch.zeros(len(attn), dtype=torch.float64) for m in modalities}, 0
+    state: dict = {}
+
+    def make_hook(layer):
+        def hook(_mod, _inp, out):
+            w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            if w is None:
+                raise ValueError("attention share needs the attention weights (attn_implementation 'eager')")
+            b_idx, t_idx = state["rows"]
+            sel = w[b_idx, :, t_idx, :].float().mean(1)  # [N, Tk], heads averaged
+            for m in modalities:
+                km = state["masks"][m][b_idx].to(sel.device, sel.dtype)
+                sums[m][layer] += float((sel * km).sum())
+        return hook
+
+    handles = [a.register_forward_hook(make_hook(i)) for i, a in enumerate(attn)]
     try:
         if prev != "eager":
             base.set_attn_implementation("eager")
         for batch in batches:
-            masks = modality_masks(batch, net)
-            att = net(**batch, output_attentions=True).attentions
-            if not att:
-                raise ValueError("the model returned no attentions")
             q = torch.zeros_like(batch["labels"], dtype=torch.bool)
             q[:, :-1] = batch["labels"][:, 1:] != IGNORE  # positions whose next token is an answer token
+            state["rows"] = q.nonzero(as_tuple=True)
+            state["masks"] = modality_masks(batch, net)
             rows += int(q.sum())
-            A = torch.stack([a.float().mean(1) for a in att])  # [L, B, Tq, Tk], heads averaged
-            for m in modalities:
-                km = masks[m].to(A.device, A.dtype)  # [B, Tk]
-                mass = (A * km[None, :, None, :]).sum(-1)  # [L, B, Tq]
-                s = (mass * q.to(A.device, A.dtype)[None]).sum((1, 2))
-                sums[m] = s if m not in sums else sums[m] + s
+            net(**batch)
     finally:
+        for h in handles:
+            h.remove()
         if prev not in (None, "eager"):
             base.set_attn_implementation(prev)
     return sums, rows
@@ -290,10 +314,9 @@ def sft_diagnostics(model, batches, accelerator=None, reliance: bool = True, gra
         if attention:
             sums, rows = attention_sums(model, batches, modalities)
             if accelerator is not None and accelerator.num_processes > 1:
-                layers = _base(model).config.get_text_config().num_hidden_layers  # a rank may have no batch
-                zero = torch.zeros(layers, device=accelerator.device)
-                stacked = accelerator.reduce(torch.stack([sums.get(m, zero) for m in modalities]), reduction="sum")
-                sums = dict(zip(modalities, stacked))
+                stacked = accelerator.reduce(torch.stack([sums[m] for m in modalities]).to(accelerator.device),
+                                             reduction="sum")
+                sums = dict(zip(modalities, stacked.cpu()))
                 rows = float(accelerator.reduce(torch.tensor([float(rows)], device=accelerator.device),
                                                 reduction="sum"))
             out.update(attention_metrics(sums, rows))
