@@ -160,3 +160,35 @@ def test_mllm_ogm_scales_mokas_per_modality_a_by_exactly_the_coefficient(tmp_pat
     full, half = a_image_grads(1.0), a_image_grads(0.5)
     assert full and sum(bool(g.abs().sum() > 0) for g in full) >= len(full) // 2
     assert all(torch.allclose(h, 0.5 * f, rtol=1e-5, atol=1e-8) for f, h in zip(full, half))
+
+
+@pytest.mark.slow
+def test_mllm_ogm_under_two_processes_sums_the_contributions_over_ranks(tmp_path):
+    """2 CPU processes x 2 samples see the same contributions, coefficients and diagnostics as 1 process x 4."""
+    import yaml
+
+    from test_sft_loop import launch
+
+    from mmbalance_llm.train.trainer import Trainer
+
+    def recipe(name, **train):
+        raw = sft_recipe(tmp_path, name, max_steps=2, **train)
+        raw["balance"] = {"method": "mllm_ogm", "alpha": 0.8}
+        raw["eval"] = {"diagnostics_max_samples": 4}
+        return raw
+
+    build_assets(recipe("one"))
+    Trainer(recipe("one")).fit()
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(recipe("two", per_device_train_batch_size=2)))
+    proc = launch(["--config_file", "accelerate_configs/ddp_cpu_2proc.yaml", "-m", "mmbalance_llm", "train", str(path)],
+                  {"ACCELERATE_USE_CPU": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = ([json.loads(x) for x in open(tmp_path / n / "metrics.jsonl")] for n in ("one", "two"))
+    t1, t2 = ([r for r in rows if r["split"] == "train"] for rows in (one, two))
+    for key in ("contrib_text", "contrib_image", "coeff_text", "coeff_image"):
+        assert t2[0][key] == pytest.approx(t1[0][key], abs=1e-4), key  # same weights, same 4 samples
+    v1, v2 = one[0], two[0]  # before training: the diagnostics cannot depend on the process count
+    for key in v1:
+        if key.startswith("diagnostics/"):
+            assert v2[key] == pytest.approx(v1[key], abs=1e-4), key
