@@ -192,3 +192,22 @@ def test_mllm_ogm_under_two_processes_sums_the_contributions_over_ranks(tmp_path
     for key in v1:
         if key.startswith("diagnostics/"):
             assert v2[key] == pytest.approx(v1[key], abs=1e-4), key
+
+
+def test_mllm_ogm_with_sparse_measurements_resumes_exactly(tmp_path):
+    """every_n_steps 2: a run stopped at an odd step resumes with the checkpointed coefficients."""
+    from mmbalance_llm.train.trainer import Trainer
+
+    def recipe(name, **train):
+        raw = sft_recipe(tmp_path, name, **train)
+        raw["balance"] = {"method": "mllm_ogm", "alpha": 0.8, "every_n_steps": 2}
+        return raw
+
+    build_assets(recipe("full"))
+    full = Trainer(recipe("full")).fit()
+    assert Trainer(recipe("part", stop_after_steps=3)).fit() is None
+    resumed = Trainer(recipe("part", resume_from_checkpoint="latest")).fit()
+    assert resumed == full
+    assert _same(_adapter_weights(tmp_path / "full" / "best"), _adapter_weights(tmp_path / "part" / "best"))
+    rows = [json.loads(x) for x in open(tmp_path / "full" / "metrics.jsonl") if '"train"' in x]
+    assert ["coeff_text" in r for r in rows] == [s % 2 == 1 for s in range(1, len(rows) + 1)]

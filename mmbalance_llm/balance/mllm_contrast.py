@@ -17,7 +17,7 @@ the plain run bit for bit.
 Follows: paper only (no MLLM paper defines this exact term; it is the contrastive "with vs without the image"
 margin of visual-contrastive decoding turned into a training objective, used here as the MLLM counterpart of the
 unimodal auxiliary loss). Defaults are this toolkit's, not a paper's. Cost: one extra forward and backward per
-media modality and step.
+media modality and step (``every_n_steps: k`` adds the term on every k-th optimizer step only).
 """
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ class MLLMContrastConfig(BalancerConfig):
                                "placeholders kept) or 'drop' (placeholders and media removed).")
     detach_without: bool = hp(False, "Stop the gradient through the forward without the modality.")
 
+    every_n_steps: int = hp(1, "Add the term on every this many optimizer steps only (1: every step; larger: cheaper, "
+                               "the other steps run no extra forward).")
 
 @register
 class MLLMContrast(Balancer):
@@ -55,6 +57,8 @@ class MLLMContrast(Balancer):
             raise ValueError(f"balance.removal must be one of {', '.join(REMOVALS)}, got {c.removal!r}")
         if c.weight < 0:
             raise ValueError(f"balance.weight must be >= 0, got {c.weight}")
+        if c.every_n_steps < 1:
+            raise ValueError(f"balance.every_n_steps must be >= 1, got {c.every_n_steps}")
         r = ctx.recipe
         if c.removal == "drop" and r.adapter == "moka" and r.model.gradient_checkpointing and not c.detach_without:
             # checkpointed MokA layers recompute with the masks of the last forward, which has another layout
@@ -65,7 +69,7 @@ class MLLMContrast(Balancer):
     def forward(self, model, batch):
         c = self.config
         self._pending = None
-        if c.weight == 0:
+        if c.weight == 0 or self.ctx.global_step % c.every_n_steps:
             return super().forward(model, batch)
         from mmbalance_llm.models.modality_map import modality_masks
 

@@ -26,7 +26,9 @@ Differences from OGM-GE: the unimodal score (softmax probability of the true cla
 replaced by the answer log-prob gain of each modality (an MLLM has no unimodal head); the modulation acts on
 token positions inside the adapter, not on encoder parameters (the towers are usually frozen; the base path's
 gradient is untouched); GE's Gaussian noise is not added. Defaults: alpha and the modulation epochs are the
-official CREMA-D settings (no MLLM paper gives values). Cost: one no-grad forward per modality and step.
+official CREMA-D settings (no MLLM paper gives values). Cost: one no-grad forward per modality and step;
+``every_n_steps: k`` measures on every k-th optimizer step and reuses the last coefficients in between (they are
+saved in checkpoints, so a resumed run continues with them).
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ class MLLMOGMConfig(BalancerConfig):
     modulation_starts: int = hp(0, "First epoch (0-based) with modulation.")
     modulation_ends: int = hp(50, "Last epoch (0-based, inclusive) with modulation.")
 
+    every_n_steps: int = hp(1, "Measure the contributions every this many optimizer steps; the steps between reuse the "
+                               "last coefficients (1: every batch, as OGM; larger: cheaper).")
 
 def contribution_coefficients(contrib: torch.Tensor, alpha: float) -> torch.Tensor:
     """k_m = 1 - tanh(alpha * rho_m) where rho_m = c_m / mean_{k != m} c_k > 1, else 1 (c clamped at EPS)."""
@@ -74,8 +78,11 @@ class MLLMOGM(Balancer):
             raise ValueError(f"balance.removal must be one of {', '.join(REMOVALS)}, got {c.removal!r}")
         if c.alpha < 0:
             raise ValueError(f"balance.alpha must be >= 0, got {c.alpha}")
+        if c.every_n_steps < 1:
+            raise ValueError(f"balance.every_n_steps must be >= 1, got {c.every_n_steps}")
         self.scaler = AdapterGradScale(ctx.unwrap(model)) if c.alpha > 0 else None
         self._pending = None
+        self._coeffs: dict = {}  # the last measured coefficients (kept between measurements, checkpointed)
 
     def _active(self) -> bool:
         c = self.config
@@ -102,15 +109,19 @@ class MLLMOGM(Balancer):
 
         net = self.ctx.unwrap(model)
         masks = modality_masks(batch, net)
-        # the no-grad removals run first: the training forward must be the model's last (MokA keeps its masks)
-        self._pending = self._removed_logprobs(net, batch, masks)
+        if self.ctx.global_step % self.config.every_n_steps == 0:
+            # the no-grad removals run first: the training forward must be the model's last (MokA keeps its masks)
+            self._pending = self._removed_logprobs(net, batch, masks)
         self.scaler.arm(masks)
         return super().forward(model, batch)
 
     def loss(self, model, batch, outputs):
         loss, logs = super().loss(model, batch, outputs)
         removed, self._pending = self._pending, None
-        if removed is None:
+        if not self._active():
+            return loss, logs
+        if removed is None:  # a step between measurements: the last coefficients
+            self.scaler.set_coeffs(self._coeffs)
             return loss, logs
         lp, n = answer_logprob(outputs.logits.detach(), batch["labels"])
         full = lp / n.clamp_min(1)
@@ -125,16 +136,23 @@ class MLLMOGM(Balancer):
         present = [i for i, m in enumerate(mods) if stats[2 * i + 1] > 0]
         logs = dict(logs)
         if len(present) < 2:  # nothing to balance against (e.g. a text-only batch)
+            self._coeffs = {}
             self.scaler.set_coeffs(None)
             return loss, logs
         contrib = torch.stack([stats[2 * i] / stats[2 * i + 1] for i in present]).float()
         coeffs = contribution_coefficients(contrib, self.config.alpha)
-        k = {mods[i]: float(v) for i, v in zip(present, coeffs)}
-        self.scaler.set_coeffs(k)
+        self._coeffs = {mods[i]: float(v) for i, v in zip(present, coeffs)}
+        self.scaler.set_coeffs(self._coeffs)
         for i, c, v in zip(present, contrib.tolist(), coeffs.tolist()):
             logs[f"contrib_{mods[i]}"] = c
             logs[f"coeff_{mods[i]}"] = v
         return loss, logs
+
+    def state_dict(self) -> dict:
+        return {"coeffs": dict(self._coeffs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._coeffs = {k: float(v) for k, v in (state or {}).get("coeffs", {}).items()}
 
     def after_backward(self, model, step):
         if self.scaler is not None:

@@ -62,7 +62,7 @@ def reliance_sums(net, batches, media: tuple) -> dict:
         lp, ok, has = _answer_scores(net, batch)
         _sum_into(sums, "all/accuracy_full", ok, has)
         _sum_into(sums, "all/logp_full", lp, has)
-        nomedia = batch
+        nomedia, present, drop_scores = batch, [], None
         for m in media:
             from mmbalance_llm.attribution.hf import BLANK_KEYS
 
@@ -75,8 +75,16 @@ def reliance_sums(net, batches, media: tuple) -> dict:
                 lp_w, ok_w, _ = _answer_scores(net, without(batch, m, net, removal))
                 _sum_into(sums, f"{m}/accuracy_{removal}", ok_w, with_m)
                 _sum_into(sums, f"{m}/logp_{removal}", lp_w, with_m)
+                if removal == "drop":
+                    drop_scores = (lp_w, ok_w, None)
             nomedia = without(nomedia, m, net, "drop")
-        lp_n, ok_n, _ = _answer_scores(net, nomedia) if nomedia is not batch else (lp, ok, has)
+            present.append(m)
+        if not present:
+            lp_n, ok_n = lp, ok
+        elif len(present) == 1:  # dropping the only medium is the no-media batch: no second forward
+            lp_n, ok_n, _ = drop_scores
+        else:
+            lp_n, ok_n, _ = _answer_scores(net, nomedia)
         _sum_into(sums, "all/accuracy_no_media", ok_n, has)
         _sum_into(sums, "all/logp_no_media", lp_n, has)
     return sums
