@@ -112,6 +112,9 @@ class MLLMOGM(Balancer):
         if self.ctx.global_step % self.config.every_n_steps == 0:
             # the no-grad removals run first: the training forward must be the model's last (MokA keeps its masks)
             self._pending = self._removed_logprobs(net, batch, masks)
+        elif all(k == 1.0 for k in self._coeffs.values()):
+            self.scaler.arm(None)  # a step between measurements that scales nothing: no hooks at all
+            return super().forward(model, batch)
         self.scaler.arm(masks)
         return super().forward(model, batch)
 
