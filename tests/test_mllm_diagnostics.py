@@ -95,7 +95,7 @@ def test_diagnostics_are_logged_at_every_validation_and_leave_the_run_unchanged(
 
     runs = {}
     for name, cap in (("plain", None), ("diag", 4)):
-        raw = sft_recipe(tmp_path, name, max_steps=2)
+        raw = sft_recipe(tmp_path, name, max_steps=2, plots=name == "diag")
         raw["eval"] = {"diagnostics_max_samples": cap}
         build_assets(raw)
         runs[name] = Trainer(raw).fit()
@@ -105,5 +105,6 @@ def test_diagnostics_are_logged_at_every_validation_and_leave_the_run_unchanged(
     assert all("diagnostics/attention_share/image/mean" in r for r in val)
     assert "diagnostics/grad_share/text" in val[-1]  # after the first update A has a gradient
     assert _same(_adapter_weights(tmp_path / "plain" / "best"), _adapter_weights(tmp_path / "diag" / "best"))
+    assert (tmp_path / "diag" / "diagnostics.png").stat().st_size > 0
     strip = {k: v for k, v in runs["diag"]["validation"].items() if not k.startswith("diagnostics/")}
     assert strip == runs["plain"]["validation"]

@@ -243,3 +243,7 @@ class SFTTask(Task):
         from mmbalance_llm.eval.plots import plot_sft_run
 
         plot_sft_run(metrics_path, os.path.join(output_dir, "curves.png"), title=f"{title}: validation")
+        if self.recipe.eval.diagnostics_max_samples:
+            from mmbalance_llm.eval.mllm_diagnostics_plot import plot_sft_diagnostics
+
+            plot_sft_diagnostics(metrics_path, os.path.join(output_dir, "diagnostics.png"), title=f"{title}: diagnostics")
