@@ -129,9 +129,9 @@ class AdapterGradScale:
         masks = self.masks
         x = inp[0] if inp else None
         if not masks or not torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.dim() != 3 \
-                or tuple(x.shape[:2]) != tuple(next(iter(masks.values())).shape) or mod.bias is not None:
+                or tuple(x.shape[:2]) != tuple(next(iter(masks.values())).shape):
             return None
-        weight_path = F.linear(x.detach(), mod.weight)
+        weight_path = F.linear(x.detach(), mod.weight, mod.bias)
         if weight_path.requires_grad:
             weight_path.register_hook(self._apply)  # reads the coefficients at backward time
         return weight_path + F.linear(x - x.detach(), mod.weight.detach())

@@ -4,9 +4,9 @@ the adapter.
 Stage: optimization. Task: sft (adapter lora or moka). Per step:
 
 1. contribution of each modality m (text and every media modality in the batch), from the answer tokens
-   (``labels != -100``), teacher forced:  c_m = sum over samples of
-   [mean answer-token log p(y | x) - mean answer-token log p(y | x without m)], together with the number of
-   samples, summed over processes (``ctx.reduce_sum``), so every rank gets the same coefficients.
+   (``labels != -100``), teacher forced:  c_m = mean over the samples that contain m of
+   [mean answer-token log p(y | x) - mean answer-token log p(y | x without m)], its sum and count summed over
+   processes (``ctx.reduce_sum``), so every rank gets the same coefficients.
    "Without" a media modality: ``removal: drop`` (placeholders and media tensor removed, the default) or
    ``blank`` (media tensor zeroed); without text: the input embeddings of the prompt's text tokens zeroed
    (the first token, the media and the answer kept). The full log-prob comes from the training forward itself;
@@ -14,10 +14,12 @@ Stage: optimization. Task: sft (adapter lora or moka). Per step:
 2. OGM's coefficient (GeWu-Lab/OGM-GE_CVPR2022@343dc1d95c9bda88f105c0da8d24f185e0e98b54:main.py,
    `train_epoch`): rho_m = c_m / mean_{k != m} c_k (contributions clamped at 1e-6 so the ratio stays
    defined), k_m = 1 - tanh(alpha * rho_m) for the dominant modality (rho_m > 1), 1 otherwise.
-3. The gradient at modality m's token positions of every adapter output (``lora_B``) is multiplied by k_m
-   (a tensor hook on the output, registered in a forward hook). For LoRA this scales the A and B gradient
-   contributions of those positions and the adapter path's gradient into the layer input; for MokA the
-   per-modality A_m only ever sees its own modality's positions, so A_m's gradient is scaled by exactly k_m.
+3. The adapter weights' gradient contributions from modality m's token positions are multiplied by k_m: every
+   adapter projection P (LoRA's A and B, MokA's A_m) is computed as
+   ``linear(x.detach(), W) + linear(x - x.detach(), W.detach())`` (the same value); a token-masked tensor hook
+   on the first term scales the gradient that reaches W, the second term carries the unscaled gradient to the
+   layer input. So dL/dW = sum_t k_{m(t)} g_t x_t^T exactly and the rest of the backward is unchanged; MokA's
+   A_m, which only sees its own modality's positions, gets exactly k_m times its gradient.
 
 ``alpha: 0`` (or an epoch outside [modulation_starts, modulation_ends]) runs no extra forward and no hook: the
 plain run, bit for bit.
