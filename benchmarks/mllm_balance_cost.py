@@ -31,7 +31,8 @@ def recipe(work: str, name: str, adapter: str, balance: dict, cap: int) -> dict:
         "task": "sft", "output_dir": os.path.join(work, name), "adapter": adapter,
         "adapter_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
         "model": {"name_or_path": os.path.join(work, "tiny_llava"), "build_tiny": "llava"},
-        "data": {"train": os.path.join(work, "data", "train.json"), "validation": os.path.join(work, "data", "validation.json"),
+        "data": {"train": os.path.join(work, "data", "train.json"),
+                 "validation": os.path.join(work, "data", "validation.json"),
                  "max_length": 128, "cache_dir": os.path.join(work, "cache"),
                  "generate": {"modalities": ["image"], "n_train": 600, "n_validation": 100, "n_test": 8, "seed": 0}},
         "train": {"num_train_epochs": 1, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 64,
@@ -88,7 +89,8 @@ def main(argv=None) -> int:
     lines = [f"Tiny LLaVA + {args.adapter}, CPU 1 thread, batch 16, median of {args.rounds} rounds x {args.steps} steps.",
              "", "| method | step (s) | ratio to plain |", "|---|---|---|"]
     lines += [f"| {m} | {med[m]:.4f} | {res['step_ratio'][m]:.2f}x |" for m in med]
-    lines += ["", f"Diagnostics per validation, as a fraction of a {plain.steps_per_epoch}-step epoch ({epoch:.2f} s):", "",
+    lines += ["", f"Diagnostics per validation, as a fraction of a {plain.steps_per_epoch}-step epoch "
+              f"({epoch:.2f} s):", "",
               "| diagnostics_max_samples | seconds | fraction of an epoch |", "|---|---|---|"]
     lines += [f"| {c} | {diag_s[c]:.3f} | {100 * diag_s[c] / epoch:.1f}% |" for c in caps]
     with open(stem + ".md", "w") as fh:

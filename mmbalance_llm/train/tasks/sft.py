@@ -246,4 +246,5 @@ class SFTTask(Task):
         if self.recipe.eval.diagnostics_max_samples:
             from mmbalance_llm.eval.mllm_diagnostics_plot import plot_sft_diagnostics
 
-            plot_sft_diagnostics(metrics_path, os.path.join(output_dir, "diagnostics.png"), title=f"{title}: diagnostics")
+            plot_sft_diagnostics(metrics_path, os.path.join(output_dir, "diagnostics.png"),
+                                 title=f"{title}: diagnostics")
