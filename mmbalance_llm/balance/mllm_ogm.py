@@ -19,7 +19,10 @@ Stage: optimization. Task: sft (adapter lora or moka). Per step:
    ``linear(x.detach(), W) + linear(x - x.detach(), W.detach())`` (the same value); a token-masked tensor hook
    on the first term scales the gradient that reaches W, the second term carries the unscaled gradient to the
    layer input. So dL/dW = sum_t k_{m(t)} g_t x_t^T exactly and the rest of the backward is unchanged; MokA's
-   A_m, which only sees its own modality's positions, gets exactly k_m times its gradient.
+   A_m, which only sees its own modality's positions, gets exactly k_m times its gradient. The text positions
+   scaled are the prompt's (``scale_answer_positions: false``, the default): the answer tokens and the position
+   before them, where the loss is read, keep their gradient (scaling them too throttles all learning whenever
+   text dominates: in one 4-epoch tiny-LLaVA run it lowered test accuracy from 0.485 to 0.380).
 
 ``alpha: 0`` (or an epoch outside [modulation_starts, modulation_ends]) runs no extra forward and no hook: the
 plain run, bit for bit.
@@ -39,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from mmbalance_llm.balance import register
-from mmbalance_llm.balance._mllm import (REMOVALS, AdapterGradScale, answer_logprob, blank_prompt_text,
+from mmbalance_llm.balance._mllm import (IGNORE, REMOVALS, AdapterGradScale, answer_logprob, blank_prompt_text,
                                          media_modalities, without)
 from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 from mmbalance_llm.balance.common import ratio_to_others
@@ -55,8 +58,18 @@ class MLLMOGMConfig(BalancerConfig):
     modulation_starts: int = hp(0, "First epoch (0-based) with modulation.")
     modulation_ends: int = hp(50, "Last epoch (0-based, inclusive) with modulation.")
 
+    scale_answer_positions: bool = hp(False, "Also scale the gradient at the answer tokens and the position before "
+                                             "the answer (text positions, where the loss is read); off: only the "
+                                             "prompt's text positions count as text.")
     every_n_steps: int = hp(1, "Measure the contributions every this many optimizer steps; the steps between reuse the "
                                "last coefficients (1: every batch, as OGM; larger: cheaper).")
+
+def prompt_only(masks: dict, labels: torch.Tensor) -> dict:
+    """The masks with the answer tokens and the position that predicts the first of them left out of "text"."""
+    answer = labels != IGNORE
+    answer[:, :-1] |= labels[:, 1:] != IGNORE
+    return {**masks, "text": masks["text"] & ~answer}
+
 
 def contribution_coefficients(contrib: torch.Tensor, alpha: float) -> torch.Tensor:
     """k_m = 1 - tanh(alpha * rho_m) where rho_m = c_m / mean_{k != m} c_k > 1, else 1 (c clamped at EPS)."""
@@ -117,7 +130,7 @@ class MLLMOGM(Balancer):
         elif all(k == 1.0 for k in self._coeffs.values()):
             self.scaler.arm(None)  # a step between measurements that scales nothing: no hooks at all
             return super().forward(model, batch)
-        self.scaler.arm(masks)
+        self.scaler.arm(masks if self.config.scale_answer_positions else prompt_only(masks, batch["labels"]))
         return super().forward(model, batch)
 
     def loss(self, model, batch, outputs):
