@@ -108,3 +108,27 @@ def test_diagnostics_are_logged_at_every_validation_and_leave_the_run_unchanged(
     assert (tmp_path / "diag" / "diagnostics.png").stat().st_size > 0
     strip = {k: v for k, v in runs["diag"]["validation"].items() if not k.startswith("diagnostics/")}
     assert strip == runs["plain"]["validation"]
+
+
+@pytest.mark.parametrize("family,modality,method", [("qwen2_vl", "image", "mllm_ogm"),
+                                                    ("qwen2_audio", "audio", "mllm_contrast")])
+def test_methods_and_diagnostics_run_on_the_other_tiny_twins(tmp_path, family, modality, method):
+    """Qwen2-VL (positions from mm_token_type_ids) and Qwen2-Audio (log-mel input, feature mask)."""
+    from mmbalance_llm.train.trainer import Trainer
+
+    raw = sft_recipe(tmp_path, "run", max_steps=1)
+    data = tmp_path.parent / f"sft_data_{modality}"
+    raw["model"] = {"name_or_path": str(tmp_path.parent / f"tiny_{family}_loop"), "build_tiny": family}
+    raw["data"].update(train=str(data / "train.json"), validation=str(data / "validation.json"),
+                       test=str(data / "test.json"), max_length=160)
+    raw["data"]["generate"] = {**raw["data"]["generate"], "modalities": [modality]}
+    raw["balance"] = {"method": method}
+    raw["eval"] = {"diagnostics_max_samples": 4}
+    build_assets(raw)
+    Trainer(raw).fit()
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    train = next(r for r in rows if r["split"] == "train")
+    assert (f"coeff_{modality}" if method == "mllm_ogm" else f"margin_{modality}") in train
+    last = rows[-1]
+    assert last["diagnostics/grad_share/text"] + last[f"diagnostics/grad_share/{modality}"] == pytest.approx(1.0)
+    assert f"diagnostics/reliance/{modality}/logp_blank" in last
