@@ -9,12 +9,13 @@ batch, and token-masked gradient scaling inside the adapter.
 * `blank_prompt_text(model, batch)`: a context manager in which the decoder's input embeddings of the prompt's
   text tokens are zero (the first position, the media positions and the answer tokens are kept): "text removed"
   at unchanged sequence length, so MokA's masks and gradient checkpointing see the same layout.
-* `AdapterGradScale`: forward hooks on every adapter projection (LoRA / MokA A and B) that scale the weights'
-  gradient contributions from each modality's token positions by that modality's coefficient.
+* `AdapterGradScale`: every adapter projection (LoRA / MokA A and B) runs as a linear whose weight gradient
+  has each modality's token-position contributions scaled by that modality's coefficient.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -85,27 +86,53 @@ def adapter_modules(model) -> list:
     return out
 
 
+class _TokenScaledLinear(torch.autograd.Function):
+    """``linear(x, W, b)`` whose weight (and bias) gradient is sum_t s_t g_t x_t^T, s read from ``owner.scale`` at
+    backward time; the input gradient g W is unscaled. One product forward, two backward: a plain linear's cost."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, owner):
+        ctx.save_for_backward(x, weight)
+        ctx.owner, ctx.has_bias = owner, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = g.matmul(w.to(g.dtype)).to(x.dtype)
+        s = ctx.owner.scale
+        gs = g if s is None else g * s.to(g.device, g.dtype)
+        gs2 = gs.reshape(-1, gs.shape[-1])
+        if ctx.needs_input_grad[1]:
+            gw = gs2.t().matmul(x.reshape(-1, x.shape[-1]).to(gs.dtype)).to(w.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gs2.sum(0).to(w.dtype)
+        return gx, gw, gb, None
+
+
 class AdapterGradScale:
     """Scales the adapter weights' gradient contributions from each modality's token positions by a coefficient.
 
-    Every adapter projection P (LoRA's A and B, MokA's A_m) computes ``P(x)`` as
-    ``linear(x.detach(), W) + linear(x - x.detach(), W.detach())``: the same value, but the first term carries
-    the gradient to W and gets a tensor hook that multiplies the gradient at position t by the coefficient of t's
-    modality, while the second carries the (unscaled) gradient to the layer input. So dL/dW becomes
-    sum_t k_{m(t)} g_t x_t^T exactly, and nothing else in the backward changes (MokA's A_m, which only sees its own
-    modality's positions, gets exactly k_m times its gradient).
+    Every adapter projection P (LoRA's A and B, MokA's A_m; ``nn.Linear``) runs, while armed, as a linear whose
+    backward returns dL/dW = sum_t k_{m(t)} g_t x_t^T (k of position t's modality) and the unscaled input gradient
+    g W: exactly the weights' per-position contributions scaled, nothing else in the backward changed (MokA's A_m,
+    which only sees its own modality's positions, gets exactly k_m times its gradient). The projection's forward is
+    replaced on the instance (removed by ``remove()``); unarmed it is the plain ``F.linear``.
 
     ``arm(masks)`` before the forward ({modality: Bool[B,T]}); ``set_coeffs(coeffs)`` any time before the backward
     ({modality: float}; positions of a modality without a coefficient, and padding, keep factor 1; all-1
     coefficients change nothing). Inputs of another [B,T] (generation, a dropped-modality batch) are not touched."""
 
     def __init__(self, model):
-        self.modules = [mod for _n, _k, mod in adapter_modules(model)]
+        self.modules = [mod for _n, _k, mod in adapter_modules(model) if isinstance(mod, torch.nn.Linear)]
         if not self.modules:
             raise ValueError("the model has no adapter (lora_B) layers: the gradient modulation needs adapter: lora "
                              "or adapter: moka")
         self.masks, self.scale = None, None
-        self.handles = [m.register_forward_hook(self._hook) for m in self.modules if isinstance(m, torch.nn.Linear)]
+        for mod in self.modules:
+            mod.forward = functools.partial(self._forward, mod)
 
     def arm(self, masks: dict | None) -> None:
         self.masks, self.scale = masks, None
@@ -121,22 +148,14 @@ class AdapterGradScale:
                 scale[self.masks[m]] = float(c)
         self.scale = scale.unsqueeze(-1)
 
-    def _apply(self, g):
-        s = self.scale
-        return None if s is None else g * s.to(g.device, g.dtype)
-
-    def _hook(self, mod, inp, out):
+    def _forward(self, mod, x):
         masks = self.masks
-        x = inp[0] if inp else None
-        if not masks or not torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.dim() != 3 \
+        if not masks or not torch.is_grad_enabled() or x.dim() != 3 \
                 or tuple(x.shape[:2]) != tuple(next(iter(masks.values())).shape):
-            return None
-        weight_path = F.linear(x.detach(), mod.weight, mod.bias)
-        if weight_path.requires_grad:
-            weight_path.register_hook(self._apply)  # reads the coefficients at backward time
-        return weight_path + F.linear(x - x.detach(), mod.weight.detach())
+            return F.linear(x, mod.weight, mod.bias)
+        return _TokenScaledLinear.apply(x, mod.weight, mod.bias, self)
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+        for mod in self.modules:
+            mod.__dict__.pop("forward", None)
+        self.modules = []
