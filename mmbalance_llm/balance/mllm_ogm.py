@@ -14,11 +14,10 @@ Stage: optimization. Task: sft (adapter lora or moka). Per step:
 2. OGM's coefficient (GeWu-Lab/OGM-GE_CVPR2022@343dc1d95c9bda88f105c0da8d24f185e0e98b54:main.py,
    `train_epoch`): rho_m = c_m / mean_{k != m} c_k (contributions clamped at 1e-6 so the ratio stays
    defined), k_m = 1 - tanh(alpha * rho_m) for the dominant modality (rho_m > 1), 1 otherwise.
-3. The adapter weights' gradient contributions from modality m's token positions are multiplied by k_m: every
-   adapter projection P (LoRA's A and B, MokA's A_m) is computed as
-   ``linear(x.detach(), W) + linear(x - x.detach(), W.detach())`` (the same value); a token-masked tensor hook
-   on the first term scales the gradient that reaches W, the second term carries the unscaled gradient to the
-   layer input. So dL/dW = sum_t k_{m(t)} g_t x_t^T exactly and the rest of the backward is unchanged; MokA's
+3. The adapter weights' gradient contributions from modality m's token positions are multiplied by k_m: while
+   armed, every adapter projection P (LoRA's A and B, MokA's A_m) runs as a linear whose backward returns
+   dL/dW = sum_t k_{m(t)} g_t x_t^T and the plain input gradient (balance/_mllm.py `AdapterGradScale`), so the
+   rest of the backward (the base model's path, the layers below) is unchanged; MokA's
    A_m, which only sees its own modality's positions, gets exactly k_m times its gradient. The text positions
    scaled are the prompt's (``scale_answer_positions: false``, the default): the answer tokens and the position
    before them, where the loss is read, keep their gradient (scaling them too throttles all learning whenever
