@@ -38,9 +38,9 @@ class MLLMContrastConfig(BalancerConfig):
     removal: str = hp("blank", "How the modality is removed in the extra forward: 'blank' (media tensor zeroed, "
                                "placeholders kept) or 'drop' (placeholders and media removed).")
     detach_without: bool = hp(False, "Stop the gradient through the forward without the modality.")
-
     every_n_steps: int = hp(1, "Add the term on every this many optimizer steps only (1: every step; larger: cheaper, "
                                "the other steps run no extra forward).")
+
 
 @register
 class MLLMContrast(Balancer):

@@ -56,12 +56,12 @@ class MLLMOGMConfig(BalancerConfig):
                               "and media removed) or 'blank' (media tensor zeroed).")
     modulation_starts: int = hp(0, "First epoch (0-based) with modulation.")
     modulation_ends: int = hp(50, "Last epoch (0-based, inclusive) with modulation.")
-
     scale_answer_positions: bool = hp(False, "Also scale the gradient at the answer tokens and the position before "
                                              "the answer (text positions, where the loss is read); off: only the "
                                              "prompt's text positions count as text.")
     every_n_steps: int = hp(1, "Measure the contributions every this many optimizer steps; the steps between reuse the "
                                "last coefficients (1: every batch, as OGM; larger: cheaper).")
+
 
 def prompt_only(masks: dict, labels: torch.Tensor) -> dict:
     """The masks with the answer tokens and the position that predicts the first of them left out of "text"."""

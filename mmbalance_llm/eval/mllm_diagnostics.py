@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from mmbalance_llm.attribution.hf import BLANK_KEYS
 from mmbalance_llm.balance._mllm import IGNORE, adapter_modules, answer_logprob, without
 from mmbalance_llm.models.modality_map import get_modality_map, modality_masks
 
@@ -64,8 +65,6 @@ def reliance_sums(net, batches, media: tuple) -> dict:
         _sum_into(sums, "all/logp_full", lp, has)
         nomedia, present, drop_scores = batch, [], None
         for m in media:
-            from mmbalance_llm.attribution.hf import BLANK_KEYS
-
             if BLANK_KEYS[m] not in batch or not bool(masks[m].any()):
                 continue
             with_m = has & masks[m].any(1)
