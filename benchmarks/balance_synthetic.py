@@ -43,7 +43,7 @@ def run_tracked(recipe: str, overrides: list, env: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    from mmbalance_llm.balance import available_methods
+    from mmbalance_llm.balance import available_methods, method_class
     from mmbalance_llm.config import read_yaml
     from mmbalance_llm.data.synthetic import ensure_preset, preset_spec
 
@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--extra", nargs="*", default=[], help="overrides for every run")
     args = p.parse_args(argv)
 
-    methods = available_methods() if args.methods == "all" else args.methods.split(",")
+    methods = ([m for m in available_methods() if "classify" in method_class(m).tasks]  # sft-only: mllm_*
+               if args.methods == "all" else args.methods.split(","))
     methods = ["none"] + [m for m in methods if m != "none"]
     seeds = [int(s) for s in args.seeds.split(",")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1", PYTHONPATH=ROOT,

@@ -29,7 +29,7 @@ for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE"):
 def main(argv=None) -> int:
     import torch
 
-    from mmbalance_llm.balance import available_methods
+    from mmbalance_llm.balance import available_methods, method_class
     from mmbalance_llm.config import apply_overrides, read_yaml, recipe_from_dict
     from mmbalance_llm.data.synthetic import ensure_preset
     from mmbalance_llm.train.trainer import Trainer
@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
-    methods = available_methods() if args.methods == "all" else args.methods.split(",")
+    methods = ([m for m in available_methods() if "classify" in method_class(m).tasks]  # sft-only: mllm_*
+               if args.methods == "all" else args.methods.split(","))
     methods = ["none"] + [m for m in methods if m != "none"]
     data = ensure_preset(os.path.join(args.work_dir, "data", args.preset), preset=args.preset)
     def build(m):

@@ -160,6 +160,9 @@ class SFTEvalConfig:
         default="options", choices=("options", "generate"))
     max_new_tokens: int = _help("Generation length for accuracy: generate.", default=8, min=1)
     max_samples: Optional[int] = _help("Evaluate at most this many validation / test samples.", default=None, min=1)
+    diagnostics_max_samples: Optional[int] = _help(
+        "Per-modality diagnostics (reliance, adapter gradient share, attention share; logged as diagnostics/...) at "
+        "every validation on the first this many validation samples (unset: off).", default=None, min=1)
 
 
 # ------------------------------------------------------------------------------------------ shared

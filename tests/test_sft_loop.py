@@ -155,3 +155,44 @@ def test_sft_under_two_processes_evaluates_the_whole_split_and_refuses_the_pitfa
     proc = launch(args, {"ACCELERATE_USE_CPU": "false"})
     assert proc.returncode != 0 and "each would train alone" in proc.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None, reason="no deepspeed extra")
+def test_sft_under_deepspeed_zero2_matches_ddp(tmp_path):
+    import yaml
+
+    results = {}
+    for name, config, env in (("ddp", "ddp_cpu_2proc.yaml", {"ACCELERATE_USE_CPU": "true"}),
+                              ("zero2", "deepspeed_zero2.yaml", {})):
+        raw = sft_recipe(tmp_path, name, max_steps=2, per_device_train_batch_size=2)
+        raw["adapter"] = "lora"
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        proc = launch(["--config_file", f"accelerate_configs/{config}", "-m", "mmbalance_llm", "train", str(path)], env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads((tmp_path / name / "final_metrics.json").read_text())
+    assert results["zero2"]["distributed_type"] == "DEEPSPEED" and results["zero2"]["world_size"] == 2
+    assert results["zero2"]["validation"]["loss"] == pytest.approx(results["ddp"]["validation"]["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("family, modality", [("llava", "image"), ("qwen2_audio", "audio"), ("qwen2_vl", "image")])
+def test_fast_padding_of_preprocessed_rows_equals_the_collator(tmp_path, family, modality):
+    from mmbalance_llm.data.chat import ChatCollator, load_conversations
+    from mmbalance_llm.data.mm_synthetic import write_instruction_set
+    from mmbalance_llm.models.modality_map import get_modality_map
+    from mmbalance_llm.models.tiny import tiny_model_and_processor
+    from mmbalance_llm.train.tasks.sft_data import pad_rows, preprocess_split, row_to_encoding
+
+    paths = write_instruction_set(tmp_path / "d", (modality,), 6, 1, 1, seed=3)
+    recs = load_conversations(paths["train"])
+    model, proc = tiny_model_and_processor(family)
+    coll = ChatCollator(proc, model.config, max_length=96)
+    split, keys = preprocess_split(coll, recs, "train", "train.json", {"t": family}, str(tmp_path / "cache"))
+    rows = split.__getitems__(list(range(len(recs))))
+    fast = pad_rows(rows, keys, coll.tok.pad_token_id or 0, get_modality_map(model).uses_mm_token_type_ids)
+    ref = coll.pad([row_to_encoding(r, keys) for r in rows])
+    direct = coll.pad([coll.encode(r) for r in recs])  # the cache holds what the collator makes
+    assert fast.keys() == ref.keys() == direct.keys()
+    for k in ref:
+        assert torch.equal(fast[k], ref[k]) and torch.equal(ref[k], direct[k]), k

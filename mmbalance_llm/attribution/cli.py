@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-groups", type=int, default=8, help="MM-SHAP token groups per modality")
     p.add_argument("--n-permutations", type=int, default=32, help="MM-SHAP sampled permutations")
     p.add_argument("--media-dir", default=None)
+    from mmbalance_llm.decoding.cli_args import add_decoding_args
+
+    add_decoding_args(p)  # --decoding fmd: attribution of the model under Fork-Merge Decoding (HF MLLMs)
     return p
 
 
@@ -109,6 +112,13 @@ def attribute_main(argv: list[str]) -> int:
     if not Path(a.model).is_dir():
         print(f"error: --model {a.model}: folder not found", file=sys.stderr)
         return 2
+    from mmbalance_llm.decoding.cli_args import DecodingArgError, decodings_from_args
+
+    try:
+        (decoding,), fmd = decodings_from_args(a, allow_both=False)
+    except DecodingArgError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     adapter_dir = (Path(a.model) / "adapter_config.json").is_file()
     import mmbalance_llm.models  # noqa: F401  (registers the toolkit's classifiers with AutoConfig / AutoModel)
 
@@ -120,6 +130,15 @@ def attribute_main(argv: list[str]) -> int:
         from mmbalance_llm.eval.reliance import load_mllm
 
         model, proc = load_mllm(a.model)
+        if decoding == "fmd":  # FMD forks each prompt: one sample per batch (prompt lengths differ)
+            from mmbalance_llm.decoding import ForkMerge
+
+            try:
+                ForkMerge(model, **fmd)
+            except ValueError as e:
+                print(f"error: --decoding fmd: {e}", file=sys.stderr)
+                return 2
+            a.batch_size = 1
         source = ((b, ids, ans, tok) for b, ids, ans, tok in _hf_batches(model, proc, a.data, a.limit, a.batch_size,
                                                                           a.media_dir))
     else:
@@ -128,9 +147,20 @@ def attribute_main(argv: list[str]) -> int:
         model = AutoModel.from_pretrained(a.model)
         source = ((b, ids, t, None) for b, ids, t in _classifier_batches(model, a.data, a.split, a.limit,
                                                                           a.batch_size, a.target == "label"))
+        if decoding != "plain":
+            print(f"error: --decoding {decoding} applies to HF MLLMs only, not to {a.model}", file=sys.stderr)
+            return 2
     model.eval()
+    import contextlib
+
+    from mmbalance_llm.decoding.fork_merge import decoding_context
+
+    decoding_scope = contextlib.ExitStack()
+    decoding_scope.enter_context(decoding_context(model, decoding, **(fmd if decoding == "fmd" else {})))
     per_method = {m: {"shares": [], "target": "", "baseline": ""} for m in methods}
     skipped, samples, attn_layers, extras = {}, [], [], {}
+    if decoding == "fmd" and "attention" in methods:
+        skipped["attention"] = "the fork layers have two attention maps per token under fmd; run it with plain"
     modalities: list = []
     for batch, ids, ans, tok in source:
         target = None if is_hf_mllm(model) else ans
@@ -173,10 +203,12 @@ def attribute_main(argv: list[str]) -> int:
                 extras.setdefault("delta_logp_blank_mean", []).append(
                     {m: float(v.mean()) for m, v in res.details["delta_logp_blank"].items()})
         samples += rows
+    decoding_scope.close()
     if not samples:
         print(f"error: --data {a.data}: no samples", file=sys.stderr)
         return 2
-    summary = {"model": a.model, "data": a.data, "n_samples": len(samples), "modalities": modalities,
+    summary = {"model": a.model, "data": a.data, "decoding": decoding, **({"fmd": fmd} if decoding == "fmd" else {}),
+               "n_samples": len(samples), "modalities": modalities,
                "methods": {}, "skipped": skipped, "options": opts, "samples": samples}
     for me, pm in per_method.items():
         if not pm["shares"]:

@@ -126,9 +126,11 @@ class HFAdapter:
         out = {}
         for k, v in self.kw.items():
             if isinstance(v, torch.Tensor) and idx is not None:
-                if v.dim() >= 2 and v.shape[0] == self.B:
+                if k == "position_ids" and v.dim() == 3:  # mrope position ids [3|4, B, T] (even when B is 3)
+                    v = v[:, idx]
+                elif v.dim() >= 2 and v.shape[0] == self.B:
                     v = v[idx]
-                elif v.dim() == 3 and v.shape[1] == self.B:  # mrope position ids [3|4, B, T]
+                elif v.dim() == 3 and v.shape[1] == self.B:
                     v = v[:, idx]
             out[k] = v
         return out
@@ -277,6 +279,11 @@ def drop_modality(batch: dict, modality: str, model_or_config) -> dict:
     media tensors removed."""
     ids = token_modality_ids(batch, model_or_config)
     keep = ids != MODALITY_IDS[modality]
+    cfg = getattr(model_or_config, "config", model_or_config)
+    for attr in (f"{modality}_start_token_id", f"{modality}_end_token_id"):  # Qwen2.5-Omni's <|audio_bos|>/<|audio_eos|>
+        tid = getattr(cfg, attr, None)  # its rope index counts audio starts, so they go with the audio
+        if isinstance(tid, int) and "input_ids" in batch:
+            keep &= batch["input_ids"] != tid
     seq_keys = [k for k in ("input_ids", "attention_mask", "labels", "mm_token_type_ids") if k in batch]
     n_keep = keep.sum(1)
     T = int(n_keep.max())

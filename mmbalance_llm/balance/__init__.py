@@ -67,6 +67,18 @@ def _make_config(cls, hparams: dict):
                 isinstance(hparams[key], bool) or not isinstance(hparams[key], (int, float))):
             raise ValueError(f"hyperparameter 'balance.{key}' of method '{cls.name}' must be a number, "
                              f"got {hparams[key]!r}")
+        meta, value = fields[key].metadata, hparams[key]
+        if "choices" in meta and value not in meta["choices"]:
+            raise ValueError(f"hyperparameter 'balance.{key}' of method '{cls.name}' is {value!r}; choose one of "
+                             f"{', '.join(map(str, meta['choices']))}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, high = meta.get("min"), meta.get("max")
+            if low is not None and (value < low or (meta.get("min_exclusive") and value == low)):
+                raise ValueError(f"hyperparameter 'balance.{key}' of method '{cls.name}' must be "
+                                 f"{'>' if meta.get('min_exclusive') else '>='} {low}, got {value!r}")
+            if high is not None and value > high:
+                raise ValueError(f"hyperparameter 'balance.{key}' of method '{cls.name}' must be <= {high}, "
+                                 f"got {value!r}")
     return cls.config_class(**hparams)
 
 

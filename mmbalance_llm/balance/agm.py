@@ -52,11 +52,11 @@ from mmbalance_llm.balance.common import scale_feature_grad
 
 @dataclass
 class AGMConfig(BalancerConfig):
-    alpha: float = hp(1.5, "Modulation strength alpha in c_m = exp(alpha * min(ratio*_m - ratio_m, max_exponent)). 0 disables it.")
+    alpha: float = hp(1.5, "Modulation strength alpha in c_m = exp(alpha * min(ratio*_m - ratio_m, max_exponent)). 0 disables it.", min=0.0)
     empty_set: str = hp("zero", "Value of f(empty set) in the Shapley sum: 'zero' (original code) or 'padded' "
                                 "(the fused output of an all-zero input).")
     max_exponent: float = hp(10.0, "Upper clip of ratio*_m - ratio_m before the exponential (original CREMA-D "
-                                   "script: 10; its URFunny script: 7).")
+                                   "script: 10; its URFunny script: 7).", min=0.0)
 
 
 def shapley_weights(num_modalities: int) -> list:

@@ -196,15 +196,24 @@ class Balancer:
     def describe(cls) -> dict:
         fields = {
             f.name: {"default": f.default if f.default is not dataclasses.MISSING else None,
-                     "help": f.metadata.get("help", "")}
+                     "help": f.metadata.get("help", ""),
+                     **{k: f.metadata[k] for k in ("min", "max", "choices") if k in f.metadata}}
             for f in dataclasses.fields(cls.config_class)
         }
         return {"name": cls.name, "stage": cls.stage, "paper": cls.paper, "tasks": list(cls.tasks),
                 "supports_many_modalities": cls.supports_many_modalities, "hyperparameters": fields}
 
 
-def hp(default, help_text: str):
-    """A hyperparameter field with its paper default and help text."""
+def hp(default, help_text: str, *, min=None, max=None, min_exclusive: bool = False, choices=None):
+    """A hyperparameter field with its paper default, help text and valid range / choices (checked when the
+    recipe is read, shown by `mmbalance methods`)."""
+    meta = {"help": help_text}
+    if min is not None:
+        meta["min"], meta["min_exclusive"] = min, min_exclusive
+    if max is not None:
+        meta["max"] = max
+    if choices is not None:
+        meta["choices"] = tuple(choices)
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help_text})
-    return dataclasses.field(default=default, metadata={"help": help_text})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)

@@ -42,9 +42,9 @@ from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 
 @dataclass
 class CMLConfig(BalancerConfig):
-    lam: float = hp(0.1, "Weight lambda of the confidence-ranking hinge.")
-    modulation_starts: int = hp(0, "First epoch (0-based) with the CML loss.")
-    modulation_ends: int = hp(1_000_000, "Last epoch (0-based, inclusive) with the CML loss.")
+    lam: float = hp(0.1, "Weight lambda of the confidence-ranking hinge.", min=0.0)
+    modulation_starts: int = hp(0, "First epoch (0-based) with the CML loss.", min=0)
+    modulation_ends: int = hp(1_000_000, "Last epoch (0-based, inclusive) with the CML loss.", min=0)
 
 
 def removal_chain(z: torch.Tensor, unimodal: dict, order: list, bias: torch.Tensor) -> list:

@@ -62,7 +62,7 @@ FUSED = "__fused__"
 
 @dataclass
 class GBlendingConfig(BalancerConfig):
-    super_epoch: int = hp(10, "Epochs between weight estimations, and epochs each model copy is trained for.")
+    super_epoch: int = hp(10, "Epochs between weight estimations, and epochs each model copy is trained for.", min=1)
     mode: str = hp("online", "'online' (re-estimate every super_epoch) or 'offline' (estimate once at the start).")
 
 

@@ -47,9 +47,9 @@ from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp, model_input
 
 @dataclass
 class GreedyConfig(BalancerConfig):
-    alpha: float = hp(0.01, "Threshold epsilon on the BDR spread d that starts a re-balancing window (official 0.01).")
-    window_size: int = hp(5, "Re-balancing steps per window.")
-    starting_epoch: int = hp(2, "First epoch (0-based) that may re-balance; earlier steps only accumulate speeds.")
+    alpha: float = hp(0.01, "Threshold epsilon on the BDR spread d that starts a re-balancing window (official 0.01).", min=0.0)
+    window_size: int = hp(5, "Re-balancing steps per window.", min=1)
+    starting_epoch: int = hp(2, "First epoch (0-based) that may re-balance; earlier steps only accumulate speeds.", min=0)
     rebalance: str = hp("gate", "'gate': the caring modality's MMTM gates become their running means (official); "
                                 "'squeeze': its excitation sees the other modalities' running squeezes.")
 

@@ -47,11 +47,11 @@ from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 @dataclass
 class InfoRegConfig(BalancerConfig):
     beta: float = hp(0.95, "Proximal strength of the reference modality (official audio constant); "
-                           "beta_m = b_m * exp(tanh(s_m - min_k s_k)). 0 disables it.")
-    beta_other: float = hp(0.1, "Proximal strength of every other modality (official visual constant).")
+                           "beta_m = b_m * exp(tanh(s_m - min_k s_k)). 0 disables it.", min=0.0)
+    beta_other: float = hp(0.1, "Proximal strength of every other modality (official visual constant).", min=0.0)
     beta_per_modality: dict = hp({}, "Per-modality override of beta / beta_other, e.g. {visual: 0.1}.")
-    window: int = hp(10, "Number of epoch Fisher traces in the prime-learning-window test (history starts with this many zeros).")
-    threshold: float = hp(0.05, "k = (tr1 - tr2) / tr1 above this means the prime learning window is open.")
+    window: int = hp(10, "Number of epoch Fisher traces in the prime-learning-window test (history starts with this many zeros).", min=1)
+    threshold: float = hp(0.05, "k = (tr1 - tr2) / tr1 above this means the prime learning window is open.", min=0.0)
     window_source: str = hp("reference", "'reference': the first modality's Fisher history opens or closes the window of "
                                          "every modality (official, audio); 'own': each modality uses its own history.")
 

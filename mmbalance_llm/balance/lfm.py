@@ -58,13 +58,13 @@ from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp, model_input
 
 @dataclass
 class LFMConfig(BalancerConfig):
-    alpha_init: float = hp(0.95, "Initial weight alpha_1 of the alignment term (official 0.95); alpha_0 = 1 - alpha_1 on the CE.")
-    lr_alpha: float = hp(1e-4, "Hypergradient step size for alpha_1 (halved every `lr_decay_epochs`). 0 freezes alpha.")
-    lr_decay_epochs: int = hp(20, "Halve lr_alpha every this many epochs.")
-    alpha_min: float = hp(0.05, "Lower clip of alpha_1.")
-    alpha_max: float = hp(0.95, "Upper clip of alpha_1.")
-    val_samples: int = hp(64, "The first this many validation samples form the fixed hypergradient batch.")
-    train_samples: int = hp(64, "The first this many training samples give the training-loss gradients.")
+    alpha_init: float = hp(0.95, "Initial weight alpha_1 of the alignment term (official 0.95); alpha_0 = 1 - alpha_1 on the CE.", min=0.0, max=1.0)
+    lr_alpha: float = hp(1e-4, "Hypergradient step size for alpha_1 (halved every `lr_decay_epochs`). 0 freezes alpha.", min=0.0)
+    lr_decay_epochs: int = hp(20, "Halve lr_alpha every this many epochs.", min=1)
+    alpha_min: float = hp(0.05, "Lower clip of alpha_1.", min=0.0, max=1.0)
+    alpha_max: float = hp(0.95, "Upper clip of alpha_1.", min=0.0, max=1.0)
+    val_samples: int = hp(64, "The first this many validation samples form the fixed hypergradient batch.", min=1)
+    train_samples: int = hp(64, "The first this many training samples give the training-loss gradients.", min=1)
     alignment: str = hp("official", "'official': (KL(M||P) + KL(M||Q)) / 2 as the official code; 'js': the textbook "
                                     "Jensen-Shannon (KL(P||M) + KL(Q||M)) / 2.")
 

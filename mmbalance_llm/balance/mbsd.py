@@ -41,10 +41,10 @@ from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 
 @dataclass
 class MBSDConfig(BalancerConfig):
-    weight: float = hp(1.0, "Weight of the two distillation terms (logit MSE and KL). 0 leaves fused + unimodal CE.")
+    weight: float = hp(1.0, "Weight of the two distillation terms (logit MSE and KL). 0 leaves fused + unimodal CE.", min=0.0)
     detach_weight: bool = hp(False, "Treat the pair weight w = |p_a(y) - p_b(y)| as a constant (BalanceBenchmark lets it carry gradient).")
-    modulation_starts: int = hp(0, "First epoch (0-based) with the MBSD loss.")
-    modulation_ends: int = hp(1_000_000, "Last epoch (0-based, inclusive) with the MBSD loss.")
+    modulation_starts: int = hp(0, "First epoch (0-based) with the MBSD loss.", min=0)
+    modulation_ends: int = hp(1_000_000, "Last epoch (0-based, inclusive) with the MBSD loss.", min=0)
 
 
 def pair_terms(za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor,

@@ -48,7 +48,7 @@ from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 
 @dataclass
 class MLAConfig(BalancerConfig):
-    a0: float = hp(0.1, "OWM regulariser base: a = a0^(1 + batch_index / batches_per_epoch).")
+    a0: float = hp(0.1, "OWM regulariser base: a = a0^(1 + batch_index / batches_per_epoch).", min=0.0, min_exclusive=True)
     projection: bool = hp(True, "Project the shared head's gradient (False: plain alternating training).")
 
 

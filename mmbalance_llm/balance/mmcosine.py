@@ -42,7 +42,7 @@ from mmbalance_llm.models.fusion import ConcatFusion
 
 @dataclass
 class MMCosineConfig(BalancerConfig):
-    scale: float = hp(10.0, "Logit scale s applied to the cosine similarities (paper: 10; toolkit: 15).")
+    scale: float = hp(10.0, "Logit scale s applied to the cosine similarities (paper: 10; toolkit: 15).", min=0.0, min_exclusive=True)
 
 
 class CosineConcatFusion(ConcatFusion):

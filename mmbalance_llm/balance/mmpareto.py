@@ -66,7 +66,7 @@ from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 
 @dataclass
 class MMParetoConfig(BalancerConfig):
-    gamma: float = hp(1.5, "Scale applied to the integrated encoder gradient (paper: 1.5).")
+    gamma: float = hp(1.5, "Scale applied to the integrated encoder gradient (paper: 1.5).", min=0.0)
     gradient_space: str = hp("parameter", "'parameter' (exact per-loss encoder gradients, two encoder backward "
                                           "passes) or 'feature' (cosine/MGDA on the feature cotangents, one pass).")
     rescale: str = hp("encoder", "Norm rescale of the integrated gradient: 'encoder' (one factor per encoder, keeps the "

@@ -36,9 +36,9 @@ from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 
 @dataclass
 class ModalityValuationConfig(BalancerConfig):
-    warmup_epochs: int = hp(5, "Epochs of plain training before the first valuation (0-based epoch of the first re-sampling).")
-    part_ratio: float = hp(0.2, "Fraction of the training set valued each epoch (Z in the paper).")
-    alpha: float = hp(1.0, "Scale of the number of re-sampled copies; 0 disables re-sampling.")
+    warmup_epochs: int = hp(5, "Epochs of plain training before the first valuation (0-based epoch of the first re-sampling).", min=0)
+    part_ratio: float = hp(0.2, "Fraction of the training set valued each epoch (Z in the paper).", min=0.0, max=1.0)
+    alpha: float = hp(1.0, "Scale of the number of re-sampled copies; 0 disables re-sampling.", min=0.0)
 
 
 def modality_copies(phi_mean: torch.Tensor, modalities, num_samples: int, alpha: float, gen: torch.Generator):

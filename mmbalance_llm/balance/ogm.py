@@ -31,10 +31,10 @@ from mmbalance_llm.balance.ogm_ge import OGMConfig, OGMGE
 
 @dataclass
 class OGMTPAMIConfig(OGMConfig):
-    alpha: float = hp(0.8, "Modulation strength alpha in k = 1 - tanh(alpha * rho) (T-PAMI script). 0 disables it.")
+    alpha: float = hp(0.8, "Modulation strength alpha in k = 1 - tanh(alpha * rho) (T-PAMI script). 0 disables it.", min=0.0)
     modulation: str = hp("OGM_GE", "'OGM_GE' (scaling + Gaussian noise, the T-PAMI default) or 'OGM' (scaling only).")
-    modulation_starts: int = hp(6, "First modulated epoch (0-based); epochs 0-5 are the T-PAMI warm-up.")
-    modulation_ends: int = hp(60, "Last modulated epoch (0-based, inclusive; T-PAMI script).")
+    modulation_starts: int = hp(6, "First modulated epoch (0-based); epochs 0-5 are the T-PAMI warm-up.", min=0)
+    modulation_ends: int = hp(60, "Last modulated epoch (0-based, inclusive; T-PAMI script).", min=0)
 
 
 @register

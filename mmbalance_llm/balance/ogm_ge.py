@@ -35,10 +35,10 @@ from mmbalance_llm.balance.common import ratio_to_others, scale_feature_grad, tr
 
 @dataclass
 class OGMConfig(BalancerConfig):
-    alpha: float = hp(0.8, "Modulation strength alpha in k = 1 - tanh(alpha * rho). 0 disables the scaling.")
+    alpha: float = hp(0.8, "Modulation strength alpha in k = 1 - tanh(alpha * rho). 0 disables the scaling.", min=0.0)
     modulation: str = hp("OGM_GE", "'OGM_GE' (scaling + Gaussian noise) or 'OGM' (scaling only).")
-    modulation_starts: int = hp(0, "First epoch (0-based) with modulation.")
-    modulation_ends: int = hp(50, "Last epoch (0-based, inclusive) with modulation.")
+    modulation_starts: int = hp(0, "First epoch (0-based) with modulation.", min=0)
+    modulation_ends: int = hp(50, "Last epoch (0-based, inclusive) with modulation.", min=0)
 
 
 def ogm_coefficients(scores: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -42,11 +42,11 @@ from mmbalance_llm.balance.common import ratio_to_others, true_class_scores
 
 @dataclass
 class OPMConfig(BalancerConfig):
-    q_base: float = hp(0.5, "Base drop rate of a dominant modality's features; 0 disables OPM.")
-    lam: float = hp(0.5, "lambda: how much the dominance rho~ raises the drop rate.")
-    p_exe: float = hp(0.7, "Probability that a step drops features.")
-    modulation_starts: int = hp(6, "First epoch (0-based) with modulation; epochs 0-5 are the official warm-up.")
-    modulation_ends: int = hp(10_000, "Last epoch (0-based, inclusive) with modulation.")
+    q_base: float = hp(0.5, "Base drop rate of a dominant modality's features; 0 disables OPM.", min=0.0, max=1.0)
+    lam: float = hp(0.5, "lambda: how much the dominance rho~ raises the drop rate.", min=0.0)
+    p_exe: float = hp(0.7, "Probability that a step drops features.", min=0.0, max=1.0)
+    modulation_starts: int = hp(6, "First epoch (0-based) with modulation; epochs 0-5 are the official warm-up.", min=0)
+    modulation_ends: int = hp(10_000, "Last epoch (0-based, inclusive) with modulation.", min=0)
 
 
 def opm_drop_rates(scores: torch.Tensor, q_base: float, lam: float) -> torch.Tensor:

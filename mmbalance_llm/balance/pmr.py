@@ -47,11 +47,11 @@ from mmbalance_llm.balance.common import ratio_to_others
 
 @dataclass
 class PMRConfig(BalancerConfig):
-    alpha: float = hp(1.0, "Weight of the prototypical cross-entropy on the slower modality. 0 disables it.")
-    momentum: float = hp(0.2, "EMA momentum of the prototypes: c = (1 - momentum) * c_new + momentum * c_old.")
-    proto_ratio: float = hp(0.1, "Fraction of the training batches used to compute the prototypes each epoch.")
-    modulation_starts: int = hp(0, "First epoch (0-based) with the prototype term.")
-    modulation_ends: int = hp(100, "Last epoch (0-based, inclusive) with the prototype term.")
+    alpha: float = hp(1.0, "Weight of the prototypical cross-entropy on the slower modality. 0 disables it.", min=0.0)
+    momentum: float = hp(0.2, "EMA momentum of the prototypes: c = (1 - momentum) * c_new + momentum * c_old.", min=0.0, max=1.0)
+    proto_ratio: float = hp(0.1, "Fraction of the training batches used to compute the prototypes each epoch.", min=0.0, max=1.0, min_exclusive=True)
+    modulation_starts: int = hp(0, "First epoch (0-based) with the prototype term.", min=0)
+    modulation_ends: int = hp(100, "Last epoch (0-based, inclusive) with the prototype term.", min=0)
     ema_from_epoch: int = hp(2, "First epoch whose prototypes are a moving average (official: epochs 0 and 1 use plain means).")
 
 

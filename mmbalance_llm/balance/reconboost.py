@@ -43,11 +43,11 @@ from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 
 @dataclass
 class ReconBoostConfig(BalancerConfig):
-    alpha: float = hp(0.5, "Weight of the reconcilement term MSE(p_m, p_pre) in stage 1.")
-    weight1: float = hp(5.0, "w1: weight of the learner's own cross-entropy in stage 1.")
-    weight2: float = hp(1.0, "w2: weight of the boosting correction (other learners' true-class probability).")
-    boost_rate: float = hp(1.0, "Fixed scale of the ensemble sum_m f_m in q and in the stage-2 loss.")
-    t_epochs: int = hp(4, "Passes over the training data of each stage per boosting round (official 4; BalanceBenchmark 1).")
+    alpha: float = hp(0.5, "Weight of the reconcilement term MSE(p_m, p_pre) in stage 1.", min=0.0)
+    weight1: float = hp(5.0, "w1: weight of the learner's own cross-entropy in stage 1.", min=0.0)
+    weight2: float = hp(1.0, "w2: weight of the boosting correction (other learners' true-class probability).", min=0.0)
+    boost_rate: float = hp(1.0, "Fixed scale of the ensemble sum_m f_m in q and in the stage-2 loss.", min=0.0, min_exclusive=True)
+    t_epochs: int = hp(4, "Passes over the training data of each stage per boosting round (official 4; BalanceBenchmark 1).", min=1)
     detach_reconcile: bool = hp(False, "Detach both sides of the reconcilement MSE as the official code does (the term then "
                                        "has no gradient); False keeps it live as in the paper.")
 

@@ -41,11 +41,11 @@ from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp, model_input
 
 @dataclass
 class ReLearningConfig(BalancerConfig):
-    lam: float = hp(3.0, "lambda in the reset strength alpha_m = tanh(lambda * |purity_train - purity_val|). 0 disables resets.")
-    reinit_epoch: int = hp(20, "Diagnose and reset after 0-based epochs e > 0 with e % reinit_epoch == 0 (official).")
-    reinit_num: int = hp(3, "Maximum number of resets in a run.")
+    lam: float = hp(3.0, "lambda in the reset strength alpha_m = tanh(lambda * |purity_train - purity_val|). 0 disables resets.", min=0.0)
+    reinit_epoch: int = hp(20, "Diagnose and reset after 0-based epochs e > 0 with e % reinit_epoch == 0 (official).", min=1)
+    reinit_num: int = hp(3, "Maximum number of resets in a run.", min=0)
     kmeans_seed: int = hp(0, "Seed of the k-means++ initialisation (the same on every process).")
-    kmeans_init: int = hp(3, "Number of k-means++ restarts; the lowest-inertia clustering is kept.")
+    kmeans_init: int = hp(3, "Number of k-means++ restarts; the lowest-inertia clustering is kept.", min=1)
 
 
 def reset_toward_init(params, init: dict, strength: float) -> None:

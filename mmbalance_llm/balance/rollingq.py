@@ -39,8 +39,8 @@ from mmbalance_llm.models.rolling_query import rotate_from_sums
 
 @dataclass
 class RollingQConfig(BalancerConfig):
-    r_time: int = hp(1, "Maximum number of rotation rounds (the official code's --r_time).")
-    beta: float = hp(0.0, "Rotate a (layer, head) only when its AIR exceeds this (--beta).")
+    r_time: int = hp(1, "Maximum number of rotation rounds (the official code's --r_time).", min=0)
+    beta: float = hp(0.0, "Rotate a (layer, head) only when its AIR exceeds this (--beta).", min=0.0)
     sigma: float = hp(0.0, "Target weighting strength: alpha = (1 + tanh(-sigma AIR)) / 2 (--sigma).")
     rotation: str = hp("svd", "'svd' (the paper's U V^T) or 'plane' (minimal rotation in span(q, t)).")
 

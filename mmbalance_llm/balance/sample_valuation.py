@@ -47,7 +47,7 @@ from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 
 @dataclass
 class SampleValuationConfig(BalancerConfig):
-    warmup_epochs: int = hp(5, "Epochs of plain training before the first valuation (0-based epoch of the first re-sampling).")
+    warmup_epochs: int = hp(5, "Epochs of plain training before the first valuation (0-based epoch of the first re-sampling).", min=0)
     high: float = hp(1.0, "Score at or above this: no extra copy (official 1).")
     low1: float = hp(0.4, "low1 < score < high: 1 copy; low2 < score <= low1: 2 copies.")
     low2: float = hp(-0.1, "Score <= low2: 3 copies.")

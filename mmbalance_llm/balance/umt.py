@@ -43,7 +43,7 @@ from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 
 @dataclass
 class UMTConfig(BalancerConfig):
-    sigma: float = hp(10.0, "Weight sigma of the feature-distillation MSE. 0 disables the teachers.")
+    sigma: float = hp(10.0, "Weight sigma of the feature-distillation MSE. 0 disables the teachers.", min=0.0)
     teacher_paths: dict = hp({}, "{modality: saved model folder}; modalities without one get a teacher trained "
                                  "with this recipe restricted to that modality, in output_dir/teachers/<m>.")
 

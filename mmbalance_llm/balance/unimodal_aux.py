@@ -19,7 +19,7 @@ from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 
 @dataclass
 class UnimodalAuxConfig(BalancerConfig):
-    weight: float = hp(1.0, "Weight of the summed unimodal cross-entropies.")
+    weight: float = hp(1.0, "Weight of the summed unimodal cross-entropies.", min=0.0)
 
 
 @register

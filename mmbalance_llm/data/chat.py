@@ -198,9 +198,11 @@ class MMProcessor:
 
     def save_pretrained(self, path):
         self.tokenizer.save_pretrained(path)
-        for p in (self.image_processor, self.feature_extractor):
-            if p is not None:
-                p.save_pretrained(path)
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(path)
+        if self.feature_extractor is not None:  # both write preprocessor_config.json: audio goes to a sub-folder
+            self.feature_extractor.save_pretrained(Path(path) / "feature_extractor" if self.image_processor
+                                                   is not None else path)
 
     @classmethod
     def from_pretrained(cls, path):
@@ -215,6 +217,8 @@ class MMProcessor:
                 fe = AutoFeatureExtractor.from_pretrained(path)
             except (OSError, ValueError, KeyError):
                 pass
+        if fe is None and (Path(path) / "feature_extractor").is_dir():  # image + audio folders (Omni thinker twin)
+            fe = AutoFeatureExtractor.from_pretrained(Path(path) / "feature_extractor")
         return cls(tok, ip, fe)
 
 

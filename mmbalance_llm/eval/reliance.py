@@ -107,10 +107,13 @@ def item_media(item, modality: str) -> list:
 class MLLMScorer:
     """Scores the options of benchmark items on an HF MLLM (through its processor and chat template)."""
 
-    def __init__(self, model, processor, batch_size: int = 16, max_length: int = 1024):
+    def __init__(self, model, processor, batch_size: int = 16, max_length: int = 1024, decoding: str = "plain",
+                 fmd: dict | None = None):
         from mmbalance_llm.data.chat import ChatCollator
         from mmbalance_llm.models.modality_map import get_modality_map
 
+        # decoding="fmd": Fork-Merge Decoding over the prompt (mmbalance_llm.decoding), options as decode steps
+        self.decoding, self.fmd = decoding, dict(fmd or {})
         self.model = model.eval()
         self.collator = ChatCollator(processor, model.config, max_length=max_length)
         self.accepts = [m for m in get_modality_map(model).modalities if m in ("image", "video", "audio")]
@@ -136,14 +139,19 @@ class MLLMScorer:
             for o in it.options:
                 encs.append(self.collator.encode(rec, answer=o, where=it.source))
                 owner.append(i)
-        scores = []
-        with torch.no_grad():
-            for s in range(0, len(encs), self.batch_size):
-                batch = self.collator.pad(encs[s:s + self.batch_size])
+        from mmbalance_llm.decoding.fork_merge import decoding_context, prompt_length_groups
+
+        chunks = ([list(range(s, min(s + self.batch_size, len(encs)))) for s in range(0, len(encs), self.batch_size)]
+                  if self.decoding == "plain" else prompt_length_groups(encs, self.batch_size))
+        scores = [0.0] * len(encs)
+        with torch.no_grad(), decoding_context(self.model, self.decoding, **self.fmd):
+            for idx in chunks:
+                batch = self.collator.pad([encs[i] for i in idx])
                 for m in blank:
                     if BLANK_KEYS[m] in batch:
                         batch[BLANK_KEYS[m]] = torch.zeros_like(batch[BLANK_KEYS[m]])
-                scores += answer_logprob(self.model, batch)[0].tolist()
+                for i, v in zip(idx, answer_logprob(self.model, batch)[0].tolist()):
+                    scores[i] = v
         out = [[] for _ in items]
         for i, v in zip(owner, scores):
             out[i].append(v)
@@ -203,17 +211,18 @@ def load_mllm(path: str):
     return PeftModel.from_pretrained(base, path).eval(), proc
 
 
-def load_scorer(path: str, batch_size: int = 16):
-    """An MLLM folder (any family with a modality map, or an adapter on one) or a plain causal LM folder."""
+def load_scorer(path: str, batch_size: int = 16, decoding: str = "plain", fmd: dict | None = None):
+    """An MLLM folder (any family with a modality map, or an adapter on one) or a plain causal LM folder.
+    ``decoding``/``fmd`` apply to MLLMs only (see :class:`MLLMScorer`)."""
     from transformers import AutoConfig
 
     from mmbalance_llm.models.modality_map import supported_model_types
 
     if (Path(path) / "adapter_config.json").is_file():
-        return MLLMScorer(*load_mllm(path), batch_size=batch_size)
+        return MLLMScorer(*load_mllm(path), batch_size=batch_size, decoding=decoding, fmd=fmd)
     cfg = AutoConfig.from_pretrained(path)
     if cfg.model_type in supported_model_types():
-        return MLLMScorer(*load_mllm(path), batch_size=batch_size)
+        return MLLMScorer(*load_mllm(path), batch_size=batch_size, decoding=decoding, fmd=fmd)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return TextLMScorer(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path))

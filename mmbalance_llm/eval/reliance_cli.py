@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-blank", action="store_true", help="skip the blank_<m> conditions")
     p.add_argument("--no-drop", action="store_true", help="skip the drop_<m> conditions")
+    from mmbalance_llm.decoding.cli_args import add_decoding_args
+
+    add_decoding_args(p, allow_both=True)
     return p
 
 
@@ -44,18 +47,43 @@ def reliance_main(argv: list[str]) -> int:
     if a.limit is not None and a.limit < 1:
         print("error: --limit must be >= 1", file=sys.stderr)
         return 2
+    from mmbalance_llm.decoding.cli_args import DecodingArgError, decodings_from_args
+
+    try:
+        decodings, fmd = decodings_from_args(a)
+    except DecodingArgError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     scorer = load_scorer(a.model, a.batch_size)
     if not hasattr(scorer, "accepts"):
         print(f"error: --model {a.model} is not a multimodal LLM with a modality map", file=sys.stderr)
         return 2
+    if "fmd" in decodings:  # check the settings against this model before anything is written
+        from mmbalance_llm.decoding import ForkMerge
+
+        try:
+            ForkMerge(scorer.model, **fmd)
+        except ValueError as e:
+            print(f"error: --decoding fmd: {e}", file=sys.stderr)
+            return 2
     base = load_scorer(a.base_llm, a.batch_size) if a.base_llm else None
-    ev = evaluate_reliance(scorer, items, fmt, base, blank=not a.no_blank, drop=not a.no_drop)
     task = a.task or Path(a.benchmark).stem
     out = a.out or str(Path(a.benchmark).with_name(f"{task}-reliance"))
     cfg = {"model": a.model, "benchmark": str(a.benchmark), "format": fmt, "base_llm": a.base_llm,
            "n_items": len(items), "scoring": "argmax over options of the summed answer-token log-prob"}
-    paths = write_outputs(out, task, ev, cfg)
-    print(markdown_table(task, ev["results"], ev["conditions"]))
+    by_decoding = {}
+    for dec in decodings:  # one scorer, the same items: plain and FMD rows are paired
+        scorer.decoding, scorer.fmd = dec, (fmd if dec == "fmd" else {})
+        ev = evaluate_reliance(scorer, items, fmt, base, blank=not a.no_blank, drop=not a.no_drop)
+        sub = out if len(decodings) == 1 else str(Path(out) / dec)
+        paths = write_outputs(sub, task, ev, {**cfg, "decoding": dec, **({"fmd": fmd} if dec == "fmd" else {})})
+        print(markdown_table(task if len(decodings) == 1 else f"{task} ({dec})", ev["results"], ev["conditions"]))
+        by_decoding[dec] = ev
+    if len(decodings) > 1:
+        from mmbalance_llm.decoding.cli_args import write_decoding_comparison
+
+        paths = {**paths, "comparison": write_decoding_comparison(out, task, by_decoding)}
+        print(Path(paths["comparison"]).read_text())
     if ev["ignored_media"]:
         print(f"note: the model takes no {', '.join(ev['ignored_media'])}; those media were ignored")
     print("wrote " + ", ".join(paths.values()))

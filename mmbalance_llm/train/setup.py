@@ -34,6 +34,10 @@ def make_accelerator(train_cfg, find_unused_parameters: bool = False):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     check_launch(accelerator)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type.name != "FSDP":
+        # measured on CPU: with ACCELERATE_USE_CPU=true an FSDP launch runs as plain multi-process CPU DDP
+        accelerator.print(f"[mmbalance] note: FSDP was requested but Accelerate runs "
+                          f"{accelerator.distributed_type.name} (FSDP needs GPUs)")
     return accelerator
 
 
@@ -67,6 +71,9 @@ def make_optimizer(model, cfg):
     from mmbalance_llm.models.param_groups import modality_lr_groups
 
     groups = modality_lr_groups(model, groups)  # model.encoders.<m>.lr: per-modality learning rates
+    # no empty groups: DeepSpeed drops them, and a schedule built on the torch optimizer would then count
+    # more groups than the engine's optimizer has (an adapter has no 1-d parameters)
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate)

@@ -158,13 +158,11 @@ class SFTTask(Task):
         return names
 
     def collate(self, rows):
-        from mmbalance_llm.train.tasks.sft_data import row_to_encoding
-        from mmbalance_llm.train.tasks.sft_eval import to_device
+        from mmbalance_llm.train.tasks.sft_data import pad_rows
 
-        import torch
-
-        batch = self.collator.pad([row_to_encoding(r, self.media_keys) for r in rows])
-        return to_device(batch, torch.device("cpu"), self.dtype)
+        tok = self.collator.tok
+        return pad_rows(rows, self.media_keys, tok.pad_token_id if tok.pad_token_id is not None else 0,
+                        self.mmap.uses_mm_token_type_ids, self.dtype)
 
     def has_split(self, split: str) -> bool:
         return split in self.records
@@ -180,7 +178,29 @@ class SFTTask(Task):
     def evaluate(self, model, split: str) -> dict:
         acc = self.accelerator
         recs = self.records[split][acc.process_index::acc.num_processes]
-        return self.evaluator.evaluate(acc.unwrap_model(model), split, recs, self.needs[split], acc)
+        metrics = self.evaluator.evaluate(acc.unwrap_model(model), split, recs, self.needs[split], acc)
+        if split == "validation" and self.recipe.eval.diagnostics_max_samples:
+            metrics.update(self.diagnostics(model))
+        return metrics
+
+    def diagnostics(self, model) -> dict:
+        """eval/mllm_diagnostics.py on the first `eval.diagnostics_max_samples` validation samples (this rank's
+        share; the sums are reduced over processes), as `diagnostics/...` keys."""
+        import torch
+
+        from mmbalance_llm.eval.mllm_diagnostics import sft_diagnostics
+        from mmbalance_llm.train.tasks.sft_eval import chunks, to_device
+
+        acc = self.accelerator
+        if getattr(self, "_diag_batches", None) is None:
+            cap = self.recipe.eval.diagnostics_max_samples
+            recs = self.records["validation"][:cap][acc.process_index::acc.num_processes]
+            bs = self.recipe.train.per_device_eval_batch_size
+            self._diag_batches = [self.collator.pad([self.collator.encode(r) for r in g]) for g in chunks(recs, bs)]
+        batches = [to_device(b, acc.device, self.dtype) for b in self._diag_batches]
+        with torch.no_grad():  # the gradient share turns gradients back on for its own pass only
+            out = sft_diagnostics(acc.unwrap_model(model), batches, accelerator=acc)
+        return {f"diagnostics/{k}": v for k, v in out.items()}
 
     def summary(self, metrics: dict) -> str:
         line = super().summary(metrics)
@@ -221,3 +241,8 @@ class SFTTask(Task):
         from mmbalance_llm.eval.plots import plot_sft_run
 
         plot_sft_run(metrics_path, os.path.join(output_dir, "curves.png"), title=f"{title}: validation")
+        if self.recipe.eval.diagnostics_max_samples:
+            from mmbalance_llm.eval.mllm_diagnostics_plot import plot_sft_diagnostics
+
+            plot_sft_diagnostics(metrics_path, os.path.join(output_dir, "diagnostics.png"),
+                                 title=f"{title}: diagnostics")

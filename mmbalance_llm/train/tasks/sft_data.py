@@ -102,6 +102,75 @@ def row_to_encoding(row: dict, keys: dict) -> dict:
     return enc
 
 
+def _split_lists(col):
+    """A pyarrow list column -> (offsets, values as numpy)."""
+    col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
+    return col.offsets.to_numpy(), col.values
+
+
+def rows_from_table(table, keys: dict) -> list:
+    """Rows of a pyarrow batch as dicts of numpy arrays, column by column (no per-element formatting)."""
+    n = table.num_rows
+    rows = [{} for _ in range(n)]
+    for name in ("input_ids", "labels", "mm_token_type_ids"):
+        off, values = _split_lists(table.column(name))
+        flat = values.to_numpy(zero_copy_only=False)
+        for i in range(n):
+            rows[i][name] = flat[off[i]:off[i + 1]]
+    for k in keys:
+        for name in (k, f"{k}__shape"):
+            outer, inner = _split_lists(table.column(name))
+            inner_off, flat = inner.offsets.to_numpy(), inner.values.to_numpy(zero_copy_only=False)
+            for i in range(n):
+                rows[i][name] = [flat[inner_off[j]:inner_off[j + 1]] for j in range(outer[i], outer[i + 1])]
+    return rows
+
+
+def pad_rows(rows: list, keys: dict, pad_id: int, uses_mm_token_type_ids: bool, dtype=None) -> dict:
+    """A training batch from preprocessed rows, padded on the right: the same tensors as
+    `ChatCollator.pad([row_to_encoding(r) ...])` (tested), built with one numpy fill per field."""
+    import torch
+
+    T = max(len(r["input_ids"]) for r in rows)
+    B = len(rows)
+    fields = {"input_ids": pad_id, "labels": -100, "mm_token_type_ids": 0}
+    arrays = {k: np.full((B, T), fill, dtype=np.int64) for k, fill in fields.items()}
+    mask = np.zeros((B, T), dtype=np.int64)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        for k in fields:
+            arrays[k][i, :n] = r[k]
+        mask[i, :n] = 1
+    out = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    out["attention_mask"] = torch.from_numpy(mask)
+    if not uses_mm_token_type_ids:
+        out.pop("mm_token_type_ids")
+    for k, is_int in keys.items():
+        parts = [np.asarray(v, dtype=np.float32).reshape([int(d) for d in shape])
+                 for r in rows for v, shape in zip(r[k], r[f"{k}__shape"])]
+        if parts:
+            t = torch.from_numpy(np.concatenate(parts))
+            out[k] = t.long() if is_int else (t.to(dtype) if dtype is not None else t)
+    return out
+
+
+class PreprocessedSplit:
+    """A preprocessed split for the DataLoader: a batch of indices is read from Arrow in one query and
+    converted column by column (`__getitems__`, which torch's DataLoader calls with the whole batch)."""
+
+    def __init__(self, dataset, keys: dict):
+        self.dataset, self.keys = dataset.with_format("arrow"), keys
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices):
+        return rows_from_table(self.dataset[list(indices)], self.keys)
+
+
 def preprocess_split(collator, records: list, name: str, where: str, settings: dict, cache_dir: str,
                      num_proc=None, keys: dict | None = None):
     """The preprocessed `datasets.Dataset` of one split (from the cache when nothing changed)."""
@@ -121,4 +190,4 @@ def preprocess_split(collator, records: list, name: str, where: str, settings: d
                     cache_file_name=cache_file, load_from_cache_file=True, new_fingerprint=fp,
                     num_proc=num_proc if num_proc and num_proc > 1 and len(records) > 1 else None,
                     desc=f"preprocessing {name}")
-    return mapped.with_format("numpy"), keys
+    return PreprocessedSplit(mapped, keys), keys
