@@ -29,7 +29,7 @@ TEST_CASES = {
             "zero": ({"alpha": 0.0, "modulation": "OGM", "modulation_starts": 0}, "none", {})},
     "agm": {"zero": ({"alpha": 0.0}, "none", {})},
     "pmr": {"zero": ({"alpha": 0.0}, "none", {})},
-    "inforeg": {"zero": ({"beta": 0.0}, "unimodal_aux", {"weight": 1.0})},
+    "inforeg": {"zero": ({"beta": 0.0, "beta_other": 0.0}, "unimodal_aux", {"weight": 1.0})},
     "reconboost": {"exercise": {"t_epochs": 1}, "zero": "no strength knob: boosting passes are the method"},
     "relearning": {"exercise": {"reinit_epoch": 1}, "zero": ({"lam": 0.0, "reinit_epoch": 1}, "none", {})},
     "sample_valuation": {"exercise": {"warmup_epochs": 1},

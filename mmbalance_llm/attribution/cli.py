@@ -120,7 +120,9 @@ def attribute_main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     adapter_dir = (Path(a.model) / "adapter_config.json").is_file()
-    import mmbalance_llm.models  # noqa: F401  (registers the toolkit's classifiers with AutoConfig / AutoModel)
+    from mmbalance_llm.models import register_all
+
+    register_all()  # the toolkit's classifiers, known to AutoConfig / AutoModel
 
     cfg = AutoConfig.from_pretrained(a.model) if (Path(a.model) / "config.json").is_file() else None
     opts = {"steps": a.steps, "baseline": a.baseline, "n_groups": a.n_groups, "n_permutations": a.n_permutations}

@@ -26,10 +26,10 @@ START_FIELDS = {
     "modality_valuation": "warmup_epochs",
     "sample_valuation": "warmup_epochs",
 }
-# method -> field whose value 0 switches the method off (it then reproduces the baseline).
+# method -> field (or fields, all at 0) whose value 0 switches the method off (it reproduces the baseline).
 STRENGTH_FIELDS = {
     "ogm": "alpha", "ogm_ge": "alpha", "agm": "alpha", "modality_valuation": "alpha", "relearning": "lam",
-    "unimodal_aux": "weight", "inforeg": "beta", "rollingq": "r_time",
+    "unimodal_aux": "weight", "inforeg": ("beta", "beta_other"), "rollingq": "r_time",
 }
 
 
@@ -55,7 +55,8 @@ def first_active_epoch(method: str, balance: dict | None = None, epochs: int | N
         return None
     c = method_settings(method, balance)
     strength = STRENGTH_FIELDS.get(method)
-    if strength is not None and not c.get(strength):
+    fields = (strength,) if isinstance(strength, str) else (strength or ())
+    if fields and not any(c.get(f) for f in fields):  # every strength field at 0: the method is off
         return None
     if method in START_FIELDS:
         first = int(c[START_FIELDS[method]]) + 1
