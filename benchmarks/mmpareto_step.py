@@ -13,12 +13,14 @@ the median of per-round ratios to `none`. Single-threaded.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 from types import SimpleNamespace
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_utils import write_result  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -104,12 +106,7 @@ def main(argv=None) -> int:
     lines += [f"| {r['variant']} | {r['ms']:.1f} ms | {r['x']:.2f} ({r['min']:.2f}-{r['max']:.2f}) |" for r in rows]
     md = (f"{args.encoder} encoders, batch {args.batch_size}, {args.rounds} interleaved rounds of {args.steps} "
           f"steps, 1 thread.\n\n" + "\n".join(lines))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".md", "w") as fh:
-        fh.write(md + "\n")
-    with open(args.out + ".json", "w") as fh:
-        json.dump(rows, fh, indent=1)
-    print(md)
+    write_result(args.out, md, rows)
     return 0
 
 

@@ -13,11 +13,13 @@ plain pass. Single-threaded.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_utils import write_result  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -90,12 +92,7 @@ def main(argv=None) -> int:
                      f"{r['encode_once_x']:.2f}x |")
     md = (f"Validation pass over {args.rows} rows, batch {args.batch_size}, {args.rounds} interleaved rounds, "
           f"1 thread; ratios are medians of per-round ratios to the plain pass.\n\n" + "\n".join(lines))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".md", "w") as fh:
-        fh.write(md + "\n")
-    with open(args.out + ".json", "w") as fh:
-        json.dump(results, fh, indent=1)
-    print(md)
+    write_result(args.out, md, results)
     return 0
 
 

@@ -9,12 +9,14 @@ ratios to `import torch`. The OS file cache is warm after round 0, which is not 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_utils import write_result  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,12 +54,7 @@ def main(argv=None) -> int:
                      "min": min(ratios), "max": max(ratios)})
         lines.append(f"| `{n}` | {rows[-1]['s']:.2f} s | {rows[-1]['x']:.2f} ({rows[-1]['min']:.2f}-{rows[-1]['max']:.2f}) |")
     md = f"{args.rounds} interleaved rounds, whole processes.\n\n" + "\n".join(lines)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".md", "w") as fh:
-        fh.write(md + "\n")
-    with open(args.out + ".json", "w") as fh:
-        json.dump(rows, fh, indent=1)
-    print(md)
+    write_result(args.out, md, rows)
     return 0
 
 

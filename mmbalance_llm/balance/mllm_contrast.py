@@ -32,14 +32,14 @@ from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 
 @dataclass
 class MLLMContrastConfig(BalancerConfig):
-    weight: float = hp(0.1, "Weight of the margin hinge added to the LM loss (0: the plain run, no extra forward).")
+    weight: float = hp(0.1, "Weight of the margin hinge added to the LM loss (0: the plain run, no extra forward).", min=0.0)
     target_margin: float = hp(1.0, "Wanted gap (nats per answer token) between the answer's mean log-prob with and "
                                    "without the modality; samples above it add nothing.")
     removal: str = hp("blank", "How the modality is removed in the extra forward: 'blank' (media tensor zeroed, "
-                               "placeholders kept) or 'drop' (placeholders and media removed).")
+                               "placeholders kept) or 'drop' (placeholders and media removed).", choices=REMOVALS)
     detach_without: bool = hp(False, "Stop the gradient through the forward without the modality.")
     every_n_steps: int = hp(1, "Add the term on every this many optimizer steps only (1: every step; larger: cheaper, "
-                               "the other steps run no extra forward).")
+                               "the other steps run no extra forward).", min=1)
 
 
 @register
@@ -52,13 +52,7 @@ class MLLMContrast(Balancer):
 
     def setup(self, ctx, model) -> None:
         super().setup(ctx, model)
-        c = self.config
-        if c.removal not in REMOVALS:
-            raise ValueError(f"balance.removal must be one of {', '.join(REMOVALS)}, got {c.removal!r}")
-        if c.weight < 0:
-            raise ValueError(f"balance.weight must be >= 0, got {c.weight}")
-        if c.every_n_steps < 1:
-            raise ValueError(f"balance.every_n_steps must be >= 1, got {c.every_n_steps}")
+        c = self.config  # ranges and choices: declared on the config fields, checked when the recipe is read
         r = ctx.recipe
         if c.removal == "drop" and r.adapter == "moka" and r.model.gradient_checkpointing and not c.detach_without:
             # checkpointed MokA layers recompute with the masks of the last forward, which has another layout

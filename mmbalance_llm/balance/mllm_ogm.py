@@ -51,16 +51,16 @@ EPS = 1e-6
 
 @dataclass
 class MLLMOGMConfig(BalancerConfig):
-    alpha: float = hp(0.8, "Modulation strength alpha in k = 1 - tanh(alpha * rho) (0: the plain run).")
+    alpha: float = hp(0.8, "Modulation strength alpha in k = 1 - tanh(alpha * rho) (0: the plain run).", min=0.0)
     removal: str = hp("drop", "How a media modality is removed to measure its contribution: 'drop' (placeholders "
-                              "and media removed) or 'blank' (media tensor zeroed).")
+                              "and media removed) or 'blank' (media tensor zeroed).", choices=REMOVALS)
     modulation_starts: int = hp(0, "First epoch (0-based) with modulation.")
     modulation_ends: int = hp(50, "Last epoch (0-based, inclusive) with modulation.")
     scale_answer_positions: bool = hp(False, "Also scale the gradient at the answer tokens and the position before "
                                              "the answer (text positions, where the loss is read); off: only the "
                                              "prompt's text positions count as text.")
     every_n_steps: int = hp(1, "Measure the contributions every this many optimizer steps; the steps between reuse the "
-                               "last coefficients (1: every batch, as OGM; larger: cheaper).")
+                               "last coefficients (1: every batch, as OGM; larger: cheaper).", min=1)
 
 
 def prompt_only(masks: dict, labels: torch.Tensor) -> dict:
@@ -87,13 +87,7 @@ class MLLMOGM(Balancer):
 
     def setup(self, ctx, model) -> None:
         super().setup(ctx, model)
-        c = self.config
-        if c.removal not in REMOVALS:
-            raise ValueError(f"balance.removal must be one of {', '.join(REMOVALS)}, got {c.removal!r}")
-        if c.alpha < 0:
-            raise ValueError(f"balance.alpha must be >= 0, got {c.alpha}")
-        if c.every_n_steps < 1:
-            raise ValueError(f"balance.every_n_steps must be >= 1, got {c.every_n_steps}")
+        c = self.config  # ranges and choices: declared on the config fields, checked when the recipe is read
         self.scaler = AdapterGradScale(ctx.unwrap(model)) if c.alpha > 0 else None
         self._pending = None
         self._coeffs: dict = {}  # the last measured coefficients (kept between measurements, checkpointed)
