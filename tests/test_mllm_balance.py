@@ -83,6 +83,9 @@ def test_ogm_logs_contributions_and_coefficients_and_refuses_bad_settings(tmp_pa
         Trainer(bad)
     bad["balance"] = {"method": "mllm_ogm"}
     bad["adapter"] = "none"
+    with pytest.raises(ValueError, match="no trainable parameter"):  # every part frozen, no adapter
+        Trainer(bad)
+    bad["model"] = {**bad["model"], "freeze": {"language_model": False}}
     with pytest.raises(ValueError, match="no adapter"):
         Trainer(bad)
     from mmbalance_llm.balance import method_class

@@ -74,6 +74,11 @@ def make_optimizer(model, cfg):
     # no empty groups: DeepSpeed drops them, and a schedule built on the torch optimizer would then count
     # more groups than the engine's optimizer has (an adapter has no 1-d parameters)
     groups = [g for g in groups if g["params"]]
+    if not groups:
+        from mmbalance_llm.config import RecipeError
+
+        raise RecipeError("the model has no trainable parameter (every part frozen and no adapter?): unfreeze a "
+                          "part in model.freeze or choose an adapter")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate)
