@@ -196,3 +196,16 @@ def test_fast_padding_of_preprocessed_rows_equals_the_collator(tmp_path, family,
     assert fast.keys() == ref.keys() == direct.keys()
     for k in ref:
         assert torch.equal(fast[k], ref[k]) and torch.equal(ref[k], direct[k]), k
+
+
+def test_full_fine_tuning_best_is_self_contained_for_reliance(tmp_path):
+    from mmbalance_llm.eval.reliance import load_mllm
+    from mmbalance_llm.train.trainer import Trainer
+
+    raw = sft_recipe(tmp_path, "full", max_steps=1)
+    raw["adapter"] = "none"
+    raw["model"]["freeze"] = {"language_model": False}
+    final = Trainer(raw).fit()
+    assert final["adapter"] == "none" and "test_before_training" not in final
+    model, processor = load_mllm(str(tmp_path / "full" / "best"))  # what `mmbalance reliance --model` loads
+    assert processor is not None and type(model).__name__ == "LlavaForConditionalGeneration"
