@@ -1,6 +1,6 @@
 """The attribution methods, written once against the adapter interface (classifier or HF MLLM).
 
-Every method returns an :class:`AttributionResult`. Formulas follow TRANSFORMERS_MLLM.md §3.
+Every method returns an :class:`AttributionResult`. Formulas: docs/attribution.md.
 """
 from __future__ import annotations
 

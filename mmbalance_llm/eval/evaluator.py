@@ -1,7 +1,7 @@
 """The evaluation pass: fused accuracy and macro-F1, unimodal accuracy (split head or linear probe),
 exact modality Shapley values and the imbalance score.
 
-Absent modalities are replaced by zero inputs (the choice of METHODS.md §2: v(S) is the accuracy with
+Absent modalities are replaced by zero inputs (the project's choice: v(S) is the accuracy with
 the inputs of modalities outside S set to zero; v(empty) is measured). Every process evaluates its
 shard of the data and the predictions are gathered, so all ranks return the same numbers.
 """

@@ -1,4 +1,4 @@
-"""Balance metrics (METHODS.md §2): accuracy and macro-F1 from a confusion matrix, exact modality
+"""Balance metrics (README, Metrics): accuracy and macro-F1 from a confusion matrix, exact modality
 Shapley values and the imbalance score."""
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ forcing, the lm-eval-harness ``acc`` rule) and the prediction is the best option
 * ``no_media``: every media input dropped (MMStar's S_wv: the LVLM without the image);
 * ``base_llm``: a separate text-only model (MMStar's S_t), when given.
 
-Metrics (TRANSFORMERS_MLLM.md §3.5): accuracy per condition; MMStar multimodal gain ``MG = S_v - S_wv`` and
+Metrics (docs/attribution.md): accuracy per condition; MMStar multimodal gain ``MG = S_v - S_wv`` and
 leakage ``ML = max(0, S_wv - S_t)``; per modality and mode the reliance ``delta = acc_full - acc_without_m`` and
 ``ratio = delta / acc_full`` (the fraction of accuracy that needs m), the mean ``delta logp`` of the correct
 answer and the flip rate; POPE precision / recall / F1 / yes-ratio, overall and per split; MME acc, acc+ and

@@ -1,5 +1,5 @@
 """Fusion heads: {modality: h_m [B, d]} -> fused logits z [B, C] and, when the head is linear in each
-h_m, unimodal logits z_m with sum_m z_m == z (the bias is split evenly, METHODS.md §0)."""
+h_m, unimodal logits z_m with sum_m z_m == z (the bias is split evenly)."""
 from __future__ import annotations
 
 import torch

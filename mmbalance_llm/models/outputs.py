@@ -1,4 +1,4 @@
-"""The model-output contract every model driven by the trainer satisfies (ARCHITECTURE.md)."""
+"""The model-output contract every model driven by the trainer satisfies (docs/training.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
