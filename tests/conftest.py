@@ -32,6 +32,29 @@ def tiny_data(tmp_path_factory):
     return make
 
 
+class OneProcess:
+    """The slice of an Accelerator the balancers use, for one process (no global Accelerate state)."""
+
+    num_processes = 1
+    process_index = 0
+    distributed_type = type("DistributedType", (), {"name": "NO"})()
+
+    @property
+    def device(self):
+        import torch
+
+        return torch.device("cpu")
+
+    def unwrap_model(self, model):
+        return model
+
+    def gather_for_metrics(self, x):
+        return x
+
+    def print(self, *args):
+        pass
+
+
 def tiny_recipe(data_path: str, output_dir: str, method: str = "none", **sections) -> dict:
     """A small recipe dict: 2 epochs, small MLP encoders, no progress bar or plots."""
     raw = {

@@ -32,20 +32,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-class _OneProcess:
-    num_processes = 1
-    process_index = 0
-    device = torch.device("cpu")
-    distributed_type = SimpleNamespace(name="NO")
-
-    def unwrap_model(self, model):
-        return model
-
-    def gather_for_metrics(self, x):
-        return x
-
-    def print(self, *args):
-        pass
+from conftest import OneProcess as _OneProcess  # noqa: E402
 
 
 def model_for(mods=MODS, seed=0, arch=None):
@@ -445,7 +432,7 @@ def row_amco():
     model, ds = model_for(), dataset()
     batch = batch_of(ds)
     ctx = ctx_for(step=5)
-    ctx.trainer = SimpleNamespace(steps_per_epoch=10)
+    ctx.total_steps = 10  # step 5 of 10: progress 0.5
     b = setup("amco", model, ctx)
     out = b.forward(model, batch)
     loss, _ = b.loss(model, batch, out)

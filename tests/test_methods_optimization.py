@@ -30,20 +30,7 @@ def _one_thread():
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-class _OneProcess:
-    """The slice of an Accelerator the balancers use, for one process (no global Accelerate state)."""
-
-    num_processes = 1
-    distributed_type = SimpleNamespace(name="NO")
-
-    def unwrap_model(self, model):
-        return model
-
-    def gather_for_metrics(self, x):
-        return x
-
-    def print(self, *args):
-        pass
+from conftest import OneProcess as _OneProcess  # noqa: E402
 
 
 def tiny_model(modalities, dim=6, num_classes=4, seed=0):
