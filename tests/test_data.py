@@ -119,3 +119,25 @@ def test_parquet_and_save_to_disk_and_keep_indexing(tmp_path):
     item = data.train[(2, ("audio",))]
     assert float(item["visual"].abs().sum()) == 0.0 and float(item["audio"].abs().sum()) > 0
     assert item["index"] == 2
+
+
+def test_warnings_for_a_single_class_huge_values_and_a_constant_column(tmp_path, capsys):
+    import datasets
+
+    from mmbalance_llm.config import recipe_from_dict
+    from mmbalance_llm.train.trainer import Trainer
+
+    n = 40
+    rows = {"audio": [[1e7 * (i % 3), 1.0] for i in range(n)], "visual": [[0.5, 0.5] for _ in range(n)],
+            "label": [0] * n}
+    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict(rows) for s in ("train", "validation")})
+    raw = {"data": {}, "model": {"feature_dim": 8, "hidden_dim": 8, "num_layers": 1, "num_classes": 2},
+           "train": {"epochs": 1, "batch_size": 8, "progress": False, "plots": False, "shapley": False},
+           "output_dir": str(tmp_path / "run")}
+    trainer = Trainer(recipe_from_dict(raw), datasets=dd)
+    notes = "\n".join(trainer.task.notes)
+    assert "split 'train' has a single class (0)" in notes
+    assert "column 'audio': values up to 2e+07" in notes
+    assert "column 'visual' is constant" in notes
+    trainer.fit()
+    assert "single class" in capsys.readouterr().out  # printed once by the loop, one line each

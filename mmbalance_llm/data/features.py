@@ -286,7 +286,34 @@ def load_feature_data(cfg, num_classes: Optional[int] = None, seed: int = 0, dat
         for m, shape in ds.input_shapes().items():
             if m in shapes and shape != shapes[m]:
                 raise DataError(f"split '{ds.split}', column '{m}': rows have shape {shape}, train has {shapes[m]}")
+    notes += data_warnings(train)
     return LoadedData(train, validation, test, modalities, num_classes, shapes, notes)
+
+
+LARGE_FEATURE = 1e6
+
+
+def data_warnings(split) -> list:
+    """One line each for data a user would want to know about before training on it: a training split
+    with a single class, feature magnitudes beyond 1e6, and modality columns that are constant (NaN-free,
+    but carrying no signal)."""
+    out = []
+    if not isinstance(split, FeatureDataset):  # media splits are checked when they are decoded
+        return out
+    classes = torch.unique(split.labels)
+    if len(classes) < 2:
+        out.append(f"warning: split '{split.split}' has a single class ({int(classes[0]) if len(classes) else '-'}): "
+                   "accuracy and every balance metric are trivial")
+    for m, t in split.tensors.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        peak = float(t.abs().max())
+        if peak > LARGE_FEATURE:
+            out.append(f"warning: split '{split.split}', column '{m}': values up to {peak:.3g} (beyond {LARGE_FEATURE:.0e}); "
+                       "standardise the features (make-data from-arrays --standardize) or training may diverge")
+        if len(t) > 1 and bool((t == t[0]).all()):
+            out.append(f"warning: split '{split.split}', column '{m}' is constant: the modality carries no signal")
+    return out
 
 
 def collate(items) -> dict:
