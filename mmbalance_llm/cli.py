@@ -207,6 +207,10 @@ def main(argv=None) -> int:
     if "--verbose" in argv:  # a global flag, accepted anywhere; stripped so every command sees its own argv
         verbose = True
         argv = [a for a in argv if a != "--verbose"]
+    debug = os.environ.get("MMBALANCE_DEBUG", "") not in ("", "0")
+    if "--debug" in argv:  # full tracebacks instead of the one-line errors
+        debug = True
+        argv = [a for a in argv if a != "--debug"]
     from mmbalance_llm.utils.console import quiet_dependencies
 
     quiet_dependencies(verbose)
@@ -219,11 +223,15 @@ def main(argv=None) -> int:
         func, rest = args.func, args
     try:
         return func(rest)
-    except (RecipeError, DataError, FileNotFoundError, RuntimeError, ValueError) as exc:
-        # a user's bad input: one line, no traceback (MMBALANCE_DEBUG=1 shows it)
-        if os.environ.get("MMBALANCE_DEBUG"):
+    except (RecipeError, DataError, OSError, RuntimeError, ValueError, KeyError) as exc:
+        # a user's bad input (a recipe, a data file, a folder that cannot be written): one line, no traceback
+        # (--debug or MMBALANCE_DEBUG=1 shows it)
+        if debug:
             raise
-        print(f"mmbalance: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+            text += f": {exc.filename}"
+        print(f"mmbalance: error: {text}", file=sys.stderr)
         return 2
 
 

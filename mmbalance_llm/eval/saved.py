@@ -1,6 +1,8 @@
 """Evaluate a saved model of any registered architecture (for example `RUN/best`) on one split of a dataset."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -17,7 +19,14 @@ def evaluate_saved(model_dir: str, data_path: str, split: str = "test", batch_si
     from mmbalance_llm.models.registry import available_architectures
 
     available_architectures()  # imports every architecture module, which registers it with AutoModel
-    model = AutoModel.from_pretrained(model_dir)
+    if not os.path.isdir(model_dir) or not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise DataError(f"model folder '{model_dir}' not found (a saved run's best/ with config.json)")
+    try:
+        model = AutoModel.from_pretrained(model_dir)
+    except Exception as exc:  # a corrupt or truncated weights file: say which folder, in one line
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise DataError(f"'{model_dir}/model.safetensors' is corrupt or truncated ({exc})") from None
     raw = load_splits(data_path, [split])
     if split not in raw:
         raise DataError(f"data '{data_path}' has no split '{split}'")
