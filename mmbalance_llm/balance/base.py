@@ -121,6 +121,7 @@ class Balancer:
     needs_param_grads: bool = False  # edits p.grad after the all-reduce (unsupported under DeepSpeed)
     find_unused_parameters: bool = False  # DDP: some parameters get no gradient on some steps
     tasks: tuple = ("classify",)  # the tasks (recipe `task`) the method is defined for
+    zero_stages: tuple = (0, 1, 2, 3)  # DeepSpeed ZeRO stages the method runs under (measured: README table)
     config_class = BalancerConfig
 
     def __init__(self, config: Optional[BalancerConfig] = None):
@@ -145,9 +146,23 @@ class Balancer:
             )
         if len(ctx.modalities) > 2 and not self.supports_many_modalities:
             raise ValueError(f"balance.method '{self.name}' supports 2 modalities, the data has {len(ctx.modalities)}")
-        if self.needs_param_grads and ctx.accelerator.distributed_type.name == "DEEPSPEED":
+        self.check_engine(ctx.accelerator)
+
+    def check_engine(self, accelerator) -> None:
+        """Refuse an engine the method cannot run under, in one line. The loop calls this right after the
+        Accelerator is made, before the (minute-long, on CPU) DeepSpeed engine is built."""
+        if accelerator.distributed_type.name != "DEEPSPEED":
+            return
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        stage = int(getattr(plugin, "zero_stage", 0) or 0)
+        if self.needs_param_grads:
             raise ValueError(f"balance.method '{self.name}' edits parameter gradients, which DeepSpeed does not expose; "
-                             f"use DDP or a setting of the method that needs no parameter-gradient edit")
+                             f"use DDP (accelerate_configs/ddp_cpu_2proc.yaml or multi_gpu.yaml) or a setting of the "
+                             f"method that needs no parameter-gradient edit")
+        if stage not in self.zero_stages:
+            works = ", ".join(f"ZeRO-{s}" for s in self.zero_stages) or "no ZeRO stage"
+            raise ValueError(f"balance.method '{self.name}' does not run under DeepSpeed ZeRO-{stage}; it runs under "
+                             f"DDP and {works}")
 
     # -- per step -----------------------------------------------------------------------------
     def forward(self, model, batch: dict):

@@ -51,6 +51,7 @@ class Trainer:
         self.data = None  # classify: the loaded feature splits (task.data), for callers that inspect them
         self.accelerator = acc = make_accelerator(
             cfg, balancer_cls.find_unused_parameters or task.find_unused_parameters)
+        self.balancer.check_engine(acc)  # before any engine is built (DeepSpeed compiles for a minute on CPU)
         set_seed(cfg.seed)
 
         # Everything that can reject the input runs before the output folder is touched.
