@@ -134,3 +134,26 @@ def test_every_default_lies_in_its_declared_range_and_out_of_range_values_are_re
             if "min" in spec and isinstance(spec["default"], (int, float)) and not isinstance(spec["default"], bool):
                 with pytest.raises(ValueError, match=f"'balance.{key}' of method '{name}' must be"):
                     _make_config(cls, {key: spec["min"] - 1})
+
+
+# measured with tests/ddp_worker.py under accelerate_configs/deepspeed_zero{2,3}.yaml (README table)
+REFUSED_UNDER_DEEPSPEED = {"greedy", "inforeg", "mla", "ogm", "ogm_ge", "relearning", "mmpareto"}
+REFUSED_UNDER_ZERO3 = REFUSED_UNDER_DEEPSPEED | {"cml", "gblending", "lfm", "umt"}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_methods_refuse_a_deepspeed_stage_they_cannot_run_before_the_engine_is_built(stage):
+    from types import SimpleNamespace
+
+    from mmbalance_llm.balance import get_method, method_class
+
+    acc = SimpleNamespace(distributed_type=SimpleNamespace(name="DEEPSPEED"),
+                          state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+    refused = REFUSED_UNDER_DEEPSPEED if stage == 2 else REFUSED_UNDER_ZERO3
+    for name in (m for m in available_methods() if "classify" in method_class(m).tasks):
+        balancer = get_method(name)
+        if name in refused:
+            with pytest.raises(ValueError, match=f"balance.method '{name}'"):
+                balancer.check_engine(acc)
+        else:
+            balancer.check_engine(acc)  # runs (README: same results as DDP or the measured difference)

@@ -90,6 +90,7 @@ class GBlending(Balancer):
     paper = "Wang, Tran & Feiszli, What Makes Training Multi-Modal Classification Networks Hard?, CVPR 2020"
     requires_unimodal_logits = True
     config_class = GBlendingConfig
+    zero_stages = (0, 1, 2)  # ZeRO-3 partitions the parameters it needs whole
 
     def __init__(self, config=None):
         super().__init__(config)

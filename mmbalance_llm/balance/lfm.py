@@ -98,6 +98,7 @@ class LFM(Balancer):
     paper = "Yang et al., Facilitating Multimodal Classification via Dynamically Learning Modality Gap, NeurIPS 2024"
     requires_unimodal_logits = True
     config_class = LFMConfig
+    zero_stages = (0, 1, 2)  # ZeRO-3 partitions the parameters it needs whole
 
     def __init__(self, config=None):
         super().__init__(config)

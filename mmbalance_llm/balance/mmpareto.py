@@ -125,6 +125,14 @@ class MMPareto(Balancer):
         if self.config.rescale == "tensor" and self.config.gradient_space == "feature":
             raise ValueError("balance.rescale 'tensor' needs balance.gradient_space 'parameter'")
 
+    def check_engine(self, accelerator) -> None:
+        super().check_engine(accelerator)
+        if accelerator.distributed_type.name == "DEEPSPEED" and self.config.gradient_space == "parameter":
+            # measured: ZeRO-2 fails inside DeepSpeed's gradient hooks (IndexError), ZeRO-3 partitions the parameters
+            raise ValueError("balance.method 'mmpareto' with gradient_space 'parameter' differentiates w.r.t. the "
+                             "encoder parameters, which DeepSpeed does not support; use balance.gradient_space: "
+                             "feature, or DDP")
+
     def setup(self, ctx, model):
         super().setup(ctx, model)
         if self.config.gradient_space == "parameter":

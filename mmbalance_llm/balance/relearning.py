@@ -62,6 +62,11 @@ class ReLearning(Balancer):
     paper = "Wei et al., Diagnosing and Re-learning for Balanced Multimodal Learning, ECCV 2024"
     config_class = ReLearningConfig
 
+    def check_engine(self, accelerator) -> None:
+        if accelerator.distributed_type.name == "DEEPSPEED":  # refused before the engine is built
+            raise ValueError("balance.method 'relearning' resets parameters in place, which DeepSpeed's sharded "
+                             "master weights do not see; use DDP")
+
     def __init__(self, config=None):
         super().__init__(config)
         c = self.config
@@ -75,9 +80,6 @@ class ReLearning(Balancer):
 
     def setup(self, ctx, model):
         super().setup(ctx, model)
-        if ctx.accelerator.distributed_type.name == "DEEPSPEED":
-            raise ValueError("balance.method 'relearning' resets parameters in place, which DeepSpeed's sharded "
-                             "master weights do not see; use DDP")
         net = ctx.unwrap(model)
         self.theta_init = {n: p.detach().clone().cpu() for m in ctx.modalities for n, p in net.modality_parameters(m)}
 
