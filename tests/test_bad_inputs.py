@@ -249,3 +249,76 @@ def test_bad_saved_models_and_benchmark_files(good_run, capsys, tmp_path, tiny_d
     with open(torn / "model.safetensors", "r+b") as fh:
         fh.truncate(100)
     refused(capsys, ["eval", str(torn), "--data", tiny_data()], "model.safetensors", out)
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    from mmbalance_llm.models.tiny import build_tiny
+
+    path = tmp_path_factory.mktemp("twin") / "llava"
+    build_tiny("llava", str(path))
+    return str(path)
+
+
+def _chat(tmp_path, records, name="train.json"):
+    from PIL import Image
+
+    folder = tmp_path / "chat"
+    folder.mkdir(exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(folder / "red.png")
+    (folder / name).write_text(json.dumps(records))
+    return str(folder / name)
+
+
+GOOD_CHAT = {"id": "a", "messages": [{"role": "user", "content": "<image>What colour?"},
+                                     {"role": "assistant", "content": "red"}], "images": ["red.png"]}
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({**GOOD_CHAT, "images": ["missing.png"]}, "sample 0 (id=a)"),
+    ({**GOOD_CHAT, "images": []}, "1 <image> placeholder(s) but 0 image(s)"),
+    ({**GOOD_CHAT, "messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+     "message 0 has role 'robot'"),
+    ({**GOOD_CHAT, "messages": [{"role": "user", "content": "<image>hi"}]}, "turns must alternate"),
+    ({"id": "b", "text": "no conversation"}, "needs 'messages'"),
+    ({**GOOD_CHAT, "videos": [["red.png"]], "messages": [{"role": "user", "content": "<image><video>?"},
+                                                         {"role": "assistant", "content": "red"}]},
+     "takes no video"),
+])
+def test_bad_chat_data_names_file_and_sample(good_run, capsys, tmp_path, tiny_llava, record, expected):
+    out, _ = good_run
+    train = _chat(tmp_path, [record])
+    val = _chat(tmp_path, [GOOD_CHAT], "validation.json")
+    refused(capsys, ["train", SFT, f"output_dir={out}", f"model.name_or_path={tiny_llava}", "model.build_tiny=null",
+                     f"data.train={train}", f"data.validation={val}", "data.test=null", "data.generate=null",
+                     f"data.cache_dir={tmp_path / 'cache'}"], expected, out)
+
+
+def test_bad_adapter_and_benchmark_files(good_run, capsys, tmp_path, tiny_llava):
+    out, _ = good_run
+    # an adapter folder whose weights are truncated
+    import peft
+
+    from mmbalance_llm.models.tiny import load_tiny
+
+    base, _ = load_tiny(tiny_llava)
+    adapter = tmp_path / "adapter"
+    peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    with open(adapter / "adapter_model.safetensors", "r+b") as fh:
+        fh.truncate(50)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    row = {"question_id": 1, "image": "a.png", "text": "Is there a cat?", "label": "yes"}
+    good = tmp_path / "pope.jsonl"
+    good.write_text(json.dumps(row) + "\n")
+    outside = tmp_path / "bench" / "pope.jsonl"
+    outside.parent.mkdir()
+    outside.write_text(json.dumps({**row, "image": "../a.png"}) + "\n")
+    bad_label = tmp_path / "bad_label.jsonl"
+    bad_label.write_text(json.dumps({**row, "label": "maybe"}) + "\n")
+    refused(capsys, ["reliance", "--model", str(tmp_path / "no_model"), "--benchmark", str(good)], "no_model", out)
+    refused(capsys, ["reliance", "--model", tiny_llava, "--benchmark", str(tmp_path / "missing.tsv")], "missing.tsv", out)
+    refused(capsys, ["reliance", "--model", tiny_llava, "--benchmark", str(outside)], "outside", out)
+    refused(capsys, ["reliance", "--model", tiny_llava, "--benchmark", str(bad_label)], "field 'label' must be yes/no", out)
+    refused(capsys, ["reliance", "--model", str(adapter), "--benchmark", str(good)], "adapter_model.safetensors", out)

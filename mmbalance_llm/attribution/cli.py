@@ -77,7 +77,7 @@ def _classifier_batches(model, data, split, limit, bs, use_label):
 
     raw = load_splits(data, [split])
     if split not in raw:
-        raise SystemExit(f"error: --data {data} has no split {split!r}")
+        raise SystemExit(f"mmbalance: error: --data {data} has no split {split!r}")
     ds = raw[split]
     n = min(limit, len(ds))
     cols = {m: column_tensor(ds, split, m)[:n] for m in model.modalities}
@@ -107,17 +107,17 @@ def attribute_main(argv: list[str]) -> int:
     methods = list(METHOD_NAMES) if a.methods == "all" else [m.strip() for m in a.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHOD_NAMES]
     if bad:
-        print(f"error: --methods: unknown method {bad[0]!r}; choose from {', '.join(METHOD_NAMES)}", file=sys.stderr)
+        print(f"mmbalance: error: --methods: unknown method {bad[0]!r}; choose from {', '.join(METHOD_NAMES)}", file=sys.stderr)
         return 2
     if not Path(a.model).is_dir():
-        print(f"error: --model {a.model}: folder not found", file=sys.stderr)
+        print(f"mmbalance: error: --model {a.model}: folder not found", file=sys.stderr)
         return 2
     from mmbalance_llm.decoding.cli_args import DecodingArgError, decodings_from_args
 
     try:
         (decoding,), fmd = decodings_from_args(a, allow_both=False)
     except DecodingArgError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"mmbalance: error: {e}", file=sys.stderr)
         return 2
     adapter_dir = (Path(a.model) / "adapter_config.json").is_file()
     from mmbalance_llm.models import register_all
@@ -138,7 +138,7 @@ def attribute_main(argv: list[str]) -> int:
             try:
                 ForkMerge(model, **fmd)
             except ValueError as e:
-                print(f"error: --decoding fmd: {e}", file=sys.stderr)
+                print(f"mmbalance: error: --decoding fmd: {e}", file=sys.stderr)
                 return 2
             a.batch_size = 1
         source = ((b, ids, ans, tok) for b, ids, ans, tok in _hf_batches(model, proc, a.data, a.limit, a.batch_size,
@@ -150,7 +150,7 @@ def attribute_main(argv: list[str]) -> int:
         source = ((b, ids, t, None) for b, ids, t in _classifier_batches(model, a.data, a.split, a.limit,
                                                                           a.batch_size, a.target == "label"))
         if decoding != "plain":
-            print(f"error: --decoding {decoding} applies to HF MLLMs only, not to {a.model}", file=sys.stderr)
+            print(f"mmbalance: error: --decoding {decoding} applies to HF MLLMs only, not to {a.model}", file=sys.stderr)
             return 2
     model.eval()
     import contextlib
@@ -207,7 +207,7 @@ def attribute_main(argv: list[str]) -> int:
         samples += rows
     decoding_scope.close()
     if not samples:
-        print(f"error: --data {a.data}: no samples", file=sys.stderr)
+        print(f"mmbalance: error: --data {a.data}: no samples", file=sys.stderr)
         return 2
     summary = {"model": a.model, "data": a.data, "decoding": decoding, **({"fmd": fmd} if decoding == "fmd" else {}),
                "n_samples": len(samples), "modalities": modalities,

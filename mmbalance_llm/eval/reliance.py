@@ -196,7 +196,7 @@ def load_mllm(path: str):
 
     ac = Path(path) / "adapter_config.json"
     if not ac.is_file():
-        return load_tiny(path)
+        return _readable(path, lambda: load_tiny(path))
     from peft import PeftModel
 
     from mmbalance_llm.adapters import install_peft_registration
@@ -207,8 +207,20 @@ def load_mllm(path: str):
     base_path = json.loads(ac.read_text()).get("base_model_name_or_path")
     if not base_path or not Path(base_path).is_dir():
         raise ValueError(f"{ac}: base_model_name_or_path {base_path!r} is not a local model folder")
-    base, proc = load_tiny(base_path)
-    return PeftModel.from_pretrained(base, path).eval(), proc
+    base, proc = _readable(base_path, lambda: load_tiny(base_path))
+    model = _readable(path, lambda: PeftModel.from_pretrained(base, path))
+    return model.eval(), proc
+
+
+def _readable(folder: str, load):
+    """Run `load`; a corrupt or truncated safetensors file becomes one line naming the folder."""
+    try:
+        return load()
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        names = sorted(p.name for p in Path(folder).glob("*.safetensors"))
+        raise ValueError(f"{folder}: {', '.join(names) or 'a safetensors file'} is corrupt or truncated ({exc})") from None
 
 
 def load_scorer(path: str, batch_size: int = 16, decoding: str = "plain", fmd: dict | None = None):

@@ -40,23 +40,23 @@ def reliance_main(argv: list[str]) -> int:
     try:
         fmt, items = load_benchmark(a.benchmark, a.format, a.media_dir, allow_outside_media=a.allow_outside_media)
     except FormatError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"mmbalance: error: {e}", file=sys.stderr)
         return 2
     if a.limit:
         items = items[: a.limit]
     if a.limit is not None and a.limit < 1:
-        print("error: --limit must be >= 1", file=sys.stderr)
+        print("mmbalance: error: --limit must be >= 1", file=sys.stderr)
         return 2
     from mmbalance_llm.decoding.cli_args import DecodingArgError, decodings_from_args
 
     try:
         decodings, fmd = decodings_from_args(a)
     except DecodingArgError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"mmbalance: error: {e}", file=sys.stderr)
         return 2
     scorer = load_scorer(a.model, a.batch_size)
     if not hasattr(scorer, "accepts"):
-        print(f"error: --model {a.model} is not a multimodal LLM with a modality map", file=sys.stderr)
+        print(f"mmbalance: error: --model {a.model} is not a multimodal LLM with a modality map", file=sys.stderr)
         return 2
     if "fmd" in decodings:  # check the settings against this model before anything is written
         from mmbalance_llm.decoding import ForkMerge
@@ -64,7 +64,7 @@ def reliance_main(argv: list[str]) -> int:
         try:
             ForkMerge(scorer.model, **fmd)
         except ValueError as e:
-            print(f"error: --decoding fmd: {e}", file=sys.stderr)
+            print(f"mmbalance: error: --decoding fmd: {e}", file=sys.stderr)
             return 2
     base = load_scorer(a.base_llm, a.batch_size) if a.base_llm else None
     task = a.task or Path(a.benchmark).stem
