@@ -232,6 +232,17 @@ def test_filesystem_and_checkpoint_mistakes(good_run, capsys, tmp_path, tiny_dat
     empty.mkdir()
     refused(capsys, ["train", BASE, *base, f"output_dir={empty}", "train.resume_from=latest"],
             "has no complete checkpoint-N folder", out)
+    # a tampered RNG file in the latest checkpoint: refused by name, not skipped
+    import glob
+
+    latest = sorted(glob.glob(os.path.join(out, "checkpoint-*")), key=lambda d: int(d.rsplit("-", 1)[1]))[-1]
+    rng = os.path.join(latest, "random_states_0.pkl")
+    original = open(rng, "rb").read()
+    try:
+        open(rng, "wb").write(b"tampered")
+        refused(capsys, ["train", BASE, *common, "train.resume_from=latest"], "random_states_0.pkl' is corrupt", out)
+    finally:
+        open(rng, "wb").write(original)
     lock = OutputLock(out)
     try:
         refused(capsys, ["train", BASE, *common], f"is in use by another run (PID {os.getpid()})", out)

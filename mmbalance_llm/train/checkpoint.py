@@ -150,6 +150,24 @@ def lock_output_dir(output_dir: str) -> OutputLock:
     return OutputLock(output_dir)
 
 
+def check_checkpoint(folder: str, process_index: int) -> None:
+    """Refuse, in one line, a checkpoint whose files this process would read are missing or unreadable
+    (Accelerate skips a bad RNG file silently, and the resumed run would then differ from the original)."""
+    rng = os.path.join(folder, f"random_states_{process_index}.pkl")
+    if not os.path.isfile(rng):
+        raise RuntimeError(f"checkpoint '{folder}' has no RNG state for process {process_index} ({os.path.basename(rng)}); "
+                           "it was written by another number of processes or is incomplete")
+    try:
+        torch.load(rng, weights_only=False)  # the project's own file, written by Accelerate's save_state
+    except Exception as exc:
+        raise RuntimeError(f"checkpoint file '{rng}' is corrupt ({type(exc).__name__}); resume from another "
+                           "checkpoint") from None
+    try:
+        load_trainer_state(folder)
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"checkpoint file '{os.path.join(folder, 'trainer_state.json')}' is corrupt ({exc})") from None
+
+
 def load_trainer_state(folder: str) -> dict:
     with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as fh:
         return json.load(fh)

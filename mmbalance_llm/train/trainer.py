@@ -67,6 +67,8 @@ class Trainer:
         model = task.build_model(self.balancer, model)
         self._check_metric_for_best()
         self.resume_dir = ckpt.resolve_resume(cfg.resume_from_checkpoint, recipe.output_dir)
+        if self.resume_dir is not None:
+            ckpt.check_checkpoint(self.resume_dir, acc.process_index)
 
         train_loader = self.make_loader(task.train_dataset, True, cfg.per_device_train_batch_size, task.collate)
         # Optimizer steps per epoch and process, as the prepared (sharded, even_batches) loader will give them.
