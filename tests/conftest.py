@@ -32,6 +32,19 @@ def tiny_data(tmp_path_factory):
     return make
 
 
+def tree_digest(folder) -> dict:
+    """sha256 of every file under `folder`, by relative path: "an earlier run stays byte-identical"."""
+    import hashlib
+
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
 class OneProcess:
     """The slice of an Accelerator the balancers use, for one process (no global Accelerate state)."""
 

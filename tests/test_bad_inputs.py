@@ -1,7 +1,6 @@
 """The bad-input catalogue: every input a user can get wrong is refused with exit 2 and one line
 (`mmbalance: error: ...`) naming the field, file or row, before anything is written — an earlier good run
 in the same output_dir stays byte-identical (sha256 of every file)."""
-import hashlib
 import json
 import os
 
@@ -125,13 +124,7 @@ SFT_CASES = [
 ]
 
 
-def digest(folder):
-    out = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
-            path = os.path.join(root, f)
-            out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return out
+from conftest import tree_digest as digest  # noqa: E402
 
 
 @pytest.fixture(scope="module")

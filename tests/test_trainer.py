@@ -140,15 +140,7 @@ def test_token_sequences_train_with_transformer_encoders(tiny_data, run_tiny):
     assert final["test"]["accuracy"] >= 0.0
 
 
-def _tree_digest(folder):
-    import hashlib
-
-    out = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
-            path = os.path.join(root, f)
-            out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return out
+from conftest import tree_digest as _tree_digest  # noqa: E402
 
 
 @pytest.mark.parametrize("override, message", [
