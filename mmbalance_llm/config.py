@@ -208,6 +208,9 @@ class TrainConfig:
         "'split', 'probe'.", default="auto", choices=("auto", "split", "probe"))
     shapley: bool = _help("Classify: exact modality Shapley values and the imbalance score at each eval.",
                           default=True)
+    early_stopping_patience: Optional[int] = _help(
+        "Stop after this many evaluations without a better train.metric_for_best_model (the run then finishes: "
+        "best model, test read once); unset: train to the end.", default=None, min=1)
     logging_steps: int = _help("Log the training loss every this many optimizer steps.", default=10, min=1)
     progress: bool = _help("Show a tqdm progress bar (main process only).", default=True)
     plots: bool = _help("Write PNG curves at the end of training.", default=True)

@@ -199,3 +199,17 @@ def test_train_help_lists_the_keys_of_the_recipes_task(capsys):
     assert main(["train", os.path.join(root, "recipes/synthetic/ogm_ge.yaml"), "--help"]) == 0
     text = capsys.readouterr().out
     assert "model.fusion" in text and "eval.accuracy" not in text
+
+
+def test_early_stopping_finishes_the_run_and_every_run_gets_a_model_card(tiny_data, tmp_path):
+    out = str(tmp_path / "run")
+    trainer = Trainer(recipe_from_dict(tiny_recipe(tiny_data(), out, train={
+        "epochs": 30, "early_stopping_patience": 2})))
+    final = trainer.fit()
+    assert final is not None and "test" in final  # a finished run: best model, test read once
+    stopped = final["early_stopped_at_epoch"]
+    assert stopped < 30 and stopped - final["best_epoch"] == 2
+    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert max(r["epoch"] for r in rows if r["split"] == "validation") == stopped
+    card = open(os.path.join(out, "best", "README.md")).read()
+    assert "task: `classify`" in card and "| test |" in card and f"epoch {final['best_epoch']}" in card

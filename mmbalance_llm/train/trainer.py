@@ -88,7 +88,8 @@ class Trainer:
         self._raw_optimizer = self.optimizer.optimizer if plain else None
 
         self.state = {"global_step": 0, "epoch": 0, "batches_done": 0, "best_metric": None, "best_step": None,
-                      "best_epoch": None, "best_validation": None, "before_training": None}
+                      "best_epoch": None, "best_validation": None, "before_training": None,
+                      "evals_since_best": 0, "early_stopped": False}
         self.ctx = TrainContext(
             accelerator=acc, modalities=task.modalities, num_classes=task.num_classes, recipe=recipe,
             loaders={"train": self.train_loader, **{k: v for k, v in getattr(task, "loaders", {}).items()
@@ -208,7 +209,9 @@ class Trainer:
         return max_steps is not None and self.state["global_step"] >= max_steps
 
     def _completed(self) -> bool:
-        """The run reached its end: max_steps when set, else the last epoch."""
+        """The run reached its end: early stopping, max_steps when set, else the last epoch."""
+        if self.state.get("early_stopped"):
+            return True
         if self.recipe.train.max_steps is not None:
             return self._at_max_steps()
         return self.state["epoch"] >= self.num_epochs
@@ -240,9 +243,16 @@ class Trainer:
                                f"{self.task.summary(metrics)}")
         if self._is_better(metrics):
             self.state.update(best_metric=metrics[key], best_step=self.state["global_step"], best_epoch=epoch,
-                              best_validation=metrics)
+                              best_validation=metrics, evals_since_best=0)
             self.task.save_best(self.accelerator, self.model, os.path.join(self.output_dir, "best"))
             self.accelerator.wait_for_everyone()
+        else:
+            self.state["evals_since_best"] = self.state.get("evals_since_best", 0) + 1
+        patience = self.recipe.train.early_stopping_patience
+        if patience and self.state["evals_since_best"] >= patience:
+            self.state["early_stopped"] = True
+            self.accelerator.print(f"[mmbalance] early stop: {patience} evaluations without a better "
+                                   f"{key} (best {self.state['best_metric']:.4f} at epoch {self.state['best_epoch']})")
         return metrics
 
     # -- the run ----------------------------------------------------------------------------------
@@ -295,7 +305,7 @@ class Trainer:
                 self._validate_and_keep_best(epoch + 1)
             self.state.update(epoch=epoch + 1, batches_done=0)
             self.save_checkpoint()
-            if done or self.stop_requested():
+            if done or self.stop_requested() or self.state["early_stopped"]:
                 break
         self.progress.close()
         steps = self.state["global_step"] - start_step
@@ -331,8 +341,13 @@ class Trainer:
             final["first_active_epoch"] = first_active_epoch(self.balancer.name, b, epochs)
             final["active_at_best_epoch"] = active_at(self.balancer.name, b, self.state["best_epoch"], epochs)
         final.update(self.task.final_extras(self.model))
+        if self.state.get("early_stopped"):
+            final["early_stopped_at_epoch"] = self.state["epoch"]
         if acc.is_main_process:
             write_json_atomic(os.path.join(self.output_dir, "final_metrics.json"), final)
+            from mmbalance_llm.train.model_card import write_model_card
+
+            write_model_card(os.path.join(self.output_dir, "best"), self.recipe, final)
             if self.recipe.train.plots:
                 self.task.plots(self.output_dir, self.logger.path, self.state, self.balancer.name)
         self._close()
