@@ -222,7 +222,9 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         func, rest = args.func, args
     try:
-        return func(rest)
+        code = func(rest)
+        _leave_process_group()
+        return code
     except (RecipeError, DataError, OSError, RuntimeError, ValueError, KeyError) as exc:
         # a user's bad input (a recipe, a data file, a folder that cannot be written): one line, no traceback
         # (--debug or MMBALANCE_DEBUG=1 shows it)
@@ -233,6 +235,18 @@ def main(argv=None) -> int:
             text += f": {exc.filename}"
         print(f"mmbalance: error: {text}", file=sys.stderr)
         return 2
+
+
+def _leave_process_group() -> None:
+    """A launched command ends by leaving its process group: a live gloo group at interpreter exit can abort
+    the process after its work is done ("terminate called without an active exception")."""
+    if "torch" not in sys.modules:  # --help, --version, methods: nothing was launched
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -70,6 +70,11 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         with open(report_path, "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=2)
+    # leave the process group cleanly: a live gloo group at interpreter exit can abort the process
+    # ("terminate called without an active exception") after the report is written
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
