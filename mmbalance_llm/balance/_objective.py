@@ -35,16 +35,6 @@ def world_size(ctx) -> int:
     return 1 if ctx is None else ctx.accelerator.num_processes
 
 
-def reject_zero3(ctx, method: str, why: str) -> None:
-    """Methods that take gradients w.r.t. (or copy) the full parameters cannot run on ZeRO-3 shards."""
-    acc = ctx.accelerator
-    if getattr(getattr(acc, "distributed_type", None), "name", "") != "DEEPSPEED":
-        return
-    plugin = getattr(getattr(acc, "state", None), "deepspeed_plugin", None)
-    if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
-        raise ValueError(f"balance.method '{method}' {why}, which ZeRO-3 partitions; use DDP or ZeRO stage 1/2")
-
-
 def allreduce_mean_(ctx, flat: torch.Tensor) -> torch.Tensor:
     """Average a flat tensor over processes in place (a statistic every rank must agree on)."""
     n = world_size(ctx)

@@ -122,6 +122,7 @@ class Balancer:
     find_unused_parameters: bool = False  # DDP: some parameters get no gradient on some steps
     tasks: tuple = ("classify",)  # the tasks (recipe `task`) the method is defined for
     zero_stages: tuple = (0, 1, 2, 3)  # DeepSpeed ZeRO stages the method runs under (measured: README table)
+    zero_stages_reason: str = ""  # why the others are refused, shown in the refusal
     config_class = BalancerConfig
 
     def __init__(self, config: Optional[BalancerConfig] = None):
@@ -146,7 +147,6 @@ class Balancer:
             )
         if len(ctx.modalities) > 2 and not self.supports_many_modalities:
             raise ValueError(f"balance.method '{self.name}' supports 2 modalities, the data has {len(ctx.modalities)}")
-        self.check_engine(ctx.accelerator)
 
     def check_engine(self, accelerator) -> None:
         """Refuse an engine the method cannot run under, in one line. The loop calls this right after the
@@ -161,8 +161,9 @@ class Balancer:
                              f"method that needs no parameter-gradient edit")
         if stage not in self.zero_stages:
             works = ", ".join(f"ZeRO-{s}" for s in self.zero_stages) or "no ZeRO stage"
-            raise ValueError(f"balance.method '{self.name}' does not run under DeepSpeed ZeRO-{stage}; it runs under "
-                             f"DDP and {works}")
+            why = f" ({self.zero_stages_reason})" if self.zero_stages_reason else ""
+            raise ValueError(f"balance.method '{self.name}' does not run under DeepSpeed ZeRO-{stage}{why}; it runs "
+                             f"under DDP and {works}")
 
     # -- per step -----------------------------------------------------------------------------
     def forward(self, model, batch: dict):

@@ -89,7 +89,8 @@ class CML(Balancer):
     paper = "Ma et al., Calibrating Multimodal Learning, ICML 2023"
     requires_unimodal_logits = True
     config_class = CMLConfig
-    zero_stages = (0, 1, 2)  # its removal chain reads the fusion head's bias, which ZeRO-3 partitions (measured crash)
+    zero_stages = (0, 1, 2)
+    zero_stages_reason = "its removal chain reads the fusion head's bias, which ZeRO-3 partitions"
 
     def __init__(self, config=None):
         super().__init__(config)

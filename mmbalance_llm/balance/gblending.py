@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from mmbalance_llm.balance import register
-from mmbalance_llm.balance._objective import accumulate_grads, reject_zero3
+from mmbalance_llm.balance._objective import accumulate_grads
 from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 
 FUSED = "__fused__"
@@ -90,7 +90,8 @@ class GBlending(Balancer):
     paper = "Wang, Tran & Feiszli, What Makes Training Multi-Modal Classification Networks Hard?, CVPR 2020"
     requires_unimodal_logits = True
     config_class = GBlendingConfig
-    zero_stages = (0, 1, 2)  # ZeRO-3 partitions the parameters it needs whole
+    zero_stages = (0, 1, 2)
+    zero_stages_reason = "it trains full copies of the model, which ZeRO-3 partitions"
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -99,10 +100,6 @@ class GBlending(Balancer):
         if self.config.super_epoch < 1:
             raise ValueError(f"balance.super_epoch must be >= 1, got {self.config.super_epoch}")
         self.weights = None
-
-    def setup(self, ctx, model):
-        super().setup(ctx, model)
-        reject_zero3(ctx, self.name, "trains full copies of the model")
 
     # -- estimation ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from mmbalance_llm.balance import register
-from mmbalance_llm.balance._objective import allreduce_mean_, flatten, reject_zero3
+from mmbalance_llm.balance._objective import allreduce_mean_, flatten
 from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp, model_inputs
 
 
@@ -98,7 +98,8 @@ class LFM(Balancer):
     paper = "Yang et al., Facilitating Multimodal Classification via Dynamically Learning Modality Gap, NeurIPS 2024"
     requires_unimodal_logits = True
     config_class = LFMConfig
-    zero_stages = (0, 1, 2)  # ZeRO-3 partitions the parameters it needs whole
+    zero_stages = (0, 1, 2)
+    zero_stages_reason = "it takes validation gradients w.r.t. all parameters, which ZeRO-3 partitions"
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -111,10 +112,6 @@ class LFM(Balancer):
             raise ValueError("balance.val_samples and balance.train_samples must be >= 1")
         self.alpha1 = float(c.alpha_init)
         self.lr_alpha = float(c.lr_alpha)
-
-    def setup(self, ctx, model):
-        super().setup(ctx, model)
-        reject_zero3(ctx, self.name, "takes validation gradients w.r.t. all parameters")
 
     def _fixed_batch(self, name, size):
         """The first `size` samples of a split, read from the dataset itself: identical on every rank and

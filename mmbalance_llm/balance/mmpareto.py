@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from mmbalance_llm.balance import register
 from mmbalance_llm.balance._objective import (
-    allreduce_mean_, flatten, linear_surrogate, pareto_weights, reject_zero3, unflatten,
+    allreduce_mean_, flatten, linear_surrogate, pareto_weights, unflatten,
 )
 from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp
 
@@ -135,8 +135,6 @@ class MMPareto(Balancer):
 
     def setup(self, ctx, model):
         super().setup(ctx, model)
-        if self.config.gradient_space == "parameter":
-            reject_zero3(ctx, self.name, "with gradient_space 'parameter' differentiates w.r.t. the encoder parameters")
         unwrapped = ctx.unwrap(model)
         if not callable(getattr(unwrapped, "fuse", None)):
             raise ValueError(f"balance.method 'mmpareto' needs a model with encode/fuse (model.architecture: classifier), "

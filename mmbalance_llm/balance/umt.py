@@ -94,7 +94,8 @@ class UMT(Balancer):
     stage = "objective"
     paper = "Du et al., On Uni-Modal Feature Learning in Supervised Multi-Modal Learning, ICML 2023 (UMT)"
     config_class = UMTConfig
-    zero_stages = (0, 1, 2)  # its teachers' features use parameters that ZeRO-3 partitions (measured crash)
+    zero_stages = (0, 1, 2)
+    zero_stages_reason = "its teachers' features use parameters that ZeRO-3 partitions"
 
     def __init__(self, config=None):
         super().__init__(config)
