@@ -48,7 +48,6 @@ class Trainer:
                               f"not {recipe.task!r}")
         self.balancer = balancer_cls(balancer_config)
         self.task = task = make_task(recipe)
-        self.data = None  # classify: the loaded feature splits (task.data), for callers that inspect them
         self.accelerator = acc = make_accelerator(
             cfg, balancer_cls.find_unused_parameters or task.find_unused_parameters)
         self.balancer.check_engine(acc)  # before any engine is built (DeepSpeed compiles for a minute on CPU)
@@ -60,7 +59,7 @@ class Trainer:
         acc.wait_for_everyone()
         with acc.main_process_first():  # the main process fills the preprocessing cache; the others read it
             task.load_data(datasets)
-        self.data = getattr(task, "data", None)
+        self.data = getattr(task, "data", None)  # classify: the loaded feature splits, for callers that inspect them
         # seeded again: the weights must not depend on whether the main process just built a tiny twin or
         # generated data (which draw from the same generators)
         set_seed(cfg.seed)

@@ -86,22 +86,6 @@ def features_for(keys: dict):
     return datasets.Features(feats)
 
 
-def row_to_encoding(row: dict, keys: dict) -> dict:
-    """A preprocessed row back to what `ChatCollator.pad` takes."""
-    import torch
-
-    enc = {k: torch.tensor(np.asarray(row[k], dtype=np.int64))
-           for k in ("input_ids", "labels", "mm_token_type_ids")}
-    items = []
-    for k, is_int in keys.items():
-        for values, shape in zip(row[k], row[f"{k}__shape"]):
-            t = torch.tensor(np.asarray(values, dtype=np.float32).reshape([int(s) for s in shape]))
-            items.append((0, {k: t.long() if is_int else t}))
-    # `pad` concatenates each key's tensors in item order, whatever modality an item is filed under
-    enc["media"] = {"image": items, "audio": []}
-    return enc
-
-
 def _split_lists(col):
     """A pyarrow list column -> (offsets, values as numpy)."""
     col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
@@ -128,7 +112,7 @@ def rows_from_table(table, keys: dict) -> list:
 
 def pad_rows(rows: list, keys: dict, pad_id: int, uses_mm_token_type_ids: bool, dtype=None) -> dict:
     """A training batch from preprocessed rows, padded on the right: the same tensors as
-    `ChatCollator.pad([row_to_encoding(r) ...])` (tested), built with one numpy fill per field."""
+    `ChatCollator.pad` of the records' encodings (tested), built with one numpy fill per field."""
     import torch
 
     T = max(len(r["input_ids"]) for r in rows)
