@@ -141,7 +141,8 @@ class ChatDataConfig:
                             min=8)
     generate: Optional[dict] = _help(
         "Write the synthetic instruction set at data.train's folder when missing: {modalities, n_train, "
-        "n_validation, n_test, seed}.", default=None)
+        "n_validation, n_test, seed, text_prior, test_prior} (text_prior: fraction of media questions whose answer "
+        "is the question's prior answer, so the text gives it away; test_prior: absent | misleading | same).", default=None)
     preprocessing_num_workers: Optional[int] = _help(
         "Processes for the one-time preprocessing (datasets.map num_proc).", default=None, min=1)
     cache_dir: Optional[str] = _help(
@@ -518,10 +519,18 @@ def _check_sft(recipe: Recipe, raw: dict) -> None:
         if not getattr(d, split):
             raise RecipeError(f"recipe key 'data.{split}' is required for task 'sft'")
     if d.generate is not None:
-        allowed = ("modalities", "n_train", "n_validation", "n_test", "seed", "fmt")
+        allowed = ("modalities", "n_train", "n_validation", "n_test", "seed", "fmt", "text_prior", "test_prior")
         for k in d.generate:
             if k not in allowed:
                 raise unknown_key_error("data.generate.", k, allowed)
+        cue = d.generate.get("text_prior", 0.0)
+        if isinstance(cue, bool) or not isinstance(cue, (int, float)) or not 0.0 <= cue <= 1.0:
+            raise RecipeError(f"recipe key 'data.generate.text_prior' must be a number in [0, 1], got {cue!r}")
+        from mmbalance_llm.data.mm_synthetic import TEST_PRIORS
+
+        if d.generate.get("test_prior", "absent") not in TEST_PRIORS:
+            raise RecipeError(f"recipe key 'data.generate.test_prior' must be one of {', '.join(TEST_PRIORS)}, "
+                              f"got {d.generate['test_prior']!r}")
     if recipe.adapter != "none":
         adapter_config_class(recipe)  # field names checked now, not after the model is loaded
 

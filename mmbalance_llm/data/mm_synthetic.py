@@ -19,6 +19,16 @@ audio       pitch of the tone / how many beeps            low medium high / one 
 text        small sums written in words                   one .. six
 ==========  ============================================  ==========================
 
+**Text dominance** (``text_prior``): the question alone gives the answer away on most media items. Each media
+question kind has a prior answer (its first option: red, circle, low, one), and a ``text_prior`` fraction of the
+training and validation media items get that answer (the rest draw it uniformly), as in VQA-CP's changing
+priors. A model can then score most of the training items from the question text, and only the minority whose
+answer is not the prior needs the image or the audio: the situation in which fine-tuning learns to under-use
+the media. ``test_prior`` chooses the test split: ``absent`` (uniform answers, every media item needs its
+medium), ``misleading`` (never the prior answer) or ``same`` (the training distribution). With a prior, every
+media record says whether its answer is the prior one (``cue``: "prior" or "nonprior"). The validation split
+follows the training distribution, so checkpoint choice sees what training sees.
+
 Images are 32x32 PNG files (random position, size and grey background); audio clips are 1 s, 16 kHz mono
 16-bit WAV files written with the standard-library ``wave`` module (no torchcodec needed).
 
@@ -52,6 +62,7 @@ QUESTIONS = {
     "sum": ("text", "What is {a} plus {b}?", NUMBERS[1:7]),
 }
 SUFFIX = " Answer with one word."
+TEST_PRIORS = ("absent", "misleading", "same")
 
 
 @dataclass
@@ -67,6 +78,7 @@ class Item:
     image: str | None = None
     audio: str | None = None
     attributes: dict = field(default_factory=dict)
+    cue: str | None = None        # with a text prior: "prior" (the answer is the kind's prior answer) or "nonprior"
 
 
 def vocabulary_corpus() -> list[str]:
@@ -134,19 +146,28 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
 
 
 def generate_items(n: int, out_dir: str | Path, modalities=("image",), seed: int = 0,
-                   text_fraction: float = 0.25, prefix: str = "item") -> list[Item]:
+                   text_fraction: float = 0.25, prefix: str = "item", text_prior: float | None = None,
+                   against_prior: bool = False) -> list[Item]:
     """Generate ``n`` items, writing their media under ``out_dir/{images,audio}``.
 
     ``modalities`` chooses which media kinds exist ("image", "audio" or both). A ``text_fraction`` of the items
     are text-only sums; the rest are spread evenly over the media question kinds. When both modalities are
     requested every media item carries both an image and a tone, and only one of them answers the question,
     which is what modality-reliance tests need.
+
+    ``text_prior``: the fraction of media items whose answer is forced to the question kind's prior answer
+    (``options[0]``); ``against_prior=True`` instead draws every media answer from the other options. Both are
+    drawn from their own generator, so images, tones and the other items do not change (``text_prior=None``:
+    no prior, no ``cue`` field; the items of the set before the knob existed).
     """
     bad = set(modalities) - {"image", "audio"}
     if bad or not modalities:
         raise ValueError(f"modalities must be a non-empty subset of ('image', 'audio'), got {modalities!r}")
+    if text_prior is not None and not 0.0 <= text_prior <= 1.0:
+        raise ValueError(f"text_prior must be in [0, 1], got {text_prior!r}")
     out = Path(out_dir)
     rng = random.Random(seed)
+    prior_rng = random.Random(seed * 7919 + 17)
     kinds = [k for k, (need, _, _) in QUESTIONS.items() if need in modalities]
     items = []
     for i in range(n):
@@ -155,6 +176,12 @@ def generate_items(n: int, out_dir: str | Path, modalities=("image",), seed: int
         need, q, options = QUESTIONS[kind]
         attrs = {"colour": rng.choice(tuple(COLOURS)), "shape": rng.choice(SHAPES),
                  "pitch": rng.choice(tuple(PITCHES)), "beeps": rng.randint(1, 3)}
+        if kind != "sum" and (text_prior is not None or against_prior):
+            # the prior answer replaces the drawn one (before any medium is drawn from it)
+            others = [o for o in options if o != options[0]]
+            value = prior_rng.choice(others) if against_prior else (
+                options[0] if prior_rng.random() < (text_prior or 0.0) else prior_rng.choice(options))
+            attrs[kind] = NUMBERS.index(value) if kind == "beeps" else value
         item = Item(iid, kind, need, q, "", list(options), attributes={})
         if kind == "sum":
             a = rng.randint(1, 3)
@@ -165,6 +192,8 @@ def generate_items(n: int, out_dir: str | Path, modalities=("image",), seed: int
             item.answer = {"colour": attrs["colour"], "shape": attrs["shape"], "pitch": attrs["pitch"],
                            "beeps": NUMBERS[attrs["beeps"]]}[kind]
             item.attributes = attrs
+            if text_prior is not None or against_prior:
+                item.cue = "prior" if item.answer == options[0] else "nonprior"
         # text items still carry the media of the dataset, so the model must learn to ignore it for them
         if "image" in modalities:
             (out / "images").mkdir(parents=True, exist_ok=True)
@@ -184,6 +213,8 @@ def to_sharegpt(item: Item) -> dict:
     rec = {"id": item.id, "messages": [{"role": "user", "content": ph + item.question + SUFFIX},
                                        {"role": "assistant", "content": item.answer}],
            "answer": item.answer, "options": item.options, "needs": item.needs, "kind": item.kind}
+    if item.cue:
+        rec["cue"] = item.cue
     if item.image:
         rec["images"] = [item.image]
     if item.audio:
@@ -198,26 +229,37 @@ def to_llava(item: Item) -> dict:
     rec = {"id": item.id, "conversations": [{"from": "human", "value": "<image>\n" + item.question + SUFFIX},
                                             {"from": "gpt", "value": item.answer}],
            "answer": item.answer, "options": item.options, "needs": item.needs}
+    if item.cue:
+        rec["cue"] = item.cue
     if item.image:
         rec["image"] = item.image
     return rec
 
 
 def write_instruction_set(out_dir: str | Path, modalities=("image",), n_train: int = 600, n_validation: int = 100,
-                          n_test: int = 200, seed: int = 0, fmt: str = "sharegpt") -> dict[str, Path]:
+                          n_test: int = 200, seed: int = 0, fmt: str = "sharegpt", text_prior: float = 0.0,
+                          test_prior: str = "absent") -> dict[str, Path]:
     """Write ``{train,validation,test}.json`` (+ media, + ``items.jsonl`` with every attribute) under ``out_dir``.
 
-    Returns the split -> file mapping. ``fmt`` is "sharegpt" or "llava".
+    Returns the split -> file mapping. ``fmt`` is "sharegpt" or "llava". ``text_prior`` > 0 creates text
+    dominance in train and validation, ``test_prior`` says what the test split gets (module docstring);
+    ``text_prior=0`` writes the set as before the knob existed.
     """
     if fmt not in ("sharegpt", "llava"):
         raise ValueError(f"fmt must be 'sharegpt' or 'llava', got {fmt!r}")
+    if test_prior not in TEST_PRIORS:
+        raise ValueError(f"test_prior must be one of {', '.join(TEST_PRIORS)}, got {test_prior!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     conv = to_sharegpt if fmt == "sharegpt" else to_llava
     paths = {}
     with open(out / "items.jsonl", "w") as meta:
         for k, (split, n) in enumerate((("train", n_train), ("validation", n_validation), ("test", n_test))):
-            items = generate_items(n, out, modalities, seed=seed * 1000 + k, prefix=f"{split}_")
+            prior, against = (text_prior or None), False
+            if prior is not None and split == "test" and test_prior != "same":
+                prior, against = (0.0, False) if test_prior == "absent" else (None, True)
+            items = generate_items(n, out, modalities, seed=seed * 1000 + k, prefix=f"{split}_", text_prior=prior,
+                                   against_prior=against)
             for it in items:
                 meta.write(json.dumps({"split": split, **asdict(it)}) + "\n")
             paths[split] = out / f"{split}.json"
@@ -235,9 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", dest="fmt", choices=("sharegpt", "llava"), default="sharegpt")
+    p.add_argument("--text-prior", type=float, default=0.0,
+                   help="fraction of media questions in train/validation whose answer is the question's prior "
+                        "answer, so the text alone gives it away (text dominance; default 0)")
+    p.add_argument("--test-prior", choices=TEST_PRIORS, default="absent",
+                   help="the test split's answers: absent (uniform, default), misleading (never the prior answer) "
+                        "or same (as in training)")
     a = p.parse_args(argv)
+    if not 0.0 <= a.text_prior <= 1.0:
+        p.error(f"--text-prior must be in [0, 1], got {a.text_prior}")
     paths = write_instruction_set(a.out_dir, tuple(m.strip() for m in a.modalities.split(",") if m.strip()),
-                                  a.n_train, a.n_validation, a.n_test, a.seed, a.fmt)
+                                  a.n_train, a.n_validation, a.n_test, a.seed, a.fmt, a.text_prior, a.test_prior)
     print("wrote " + ", ".join(f"{k}={v}" for k, v in paths.items()))
     return 0
 

@@ -99,7 +99,9 @@ class SFTTask(Task):
                 if s in splits:
                     splits[s] = splits[s][: r.eval.max_samples]
         self.records = splits
-        self.needs = {s: sorted({str(x.get("needs", "all")) for x in recs}) for s, recs in splits.items()}
+        from mmbalance_llm.train.tasks.sft_eval import eval_groups
+
+        self.needs = {s: sorted({g for x in recs for g in eval_groups(x)}) for s, recs in splits.items()}
         import datasets as hf_datasets
 
         cache_dir = d.cache_dir or os.path.join(hf_datasets.config.HF_DATASETS_CACHE, "mmbalance_llm_sft")

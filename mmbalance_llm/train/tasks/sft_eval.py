@@ -24,6 +24,17 @@ def first_word(text: str) -> str:
     return (str(text).strip().split() or [""])[0].strip(".,!?").lower()
 
 
+def eval_groups(record: dict) -> list:
+    """The accuracy groups a record counts in: its `needs` ("image", "audio", "text"; "all" when absent) and,
+    for a media item of a set generated with a text prior (its `cue`: "prior" when the answer is the question's
+    prior answer, "nonprior" when only the medium gives it), also `<needs>_<cue>`: `accuracy_image_nonprior` is
+    the accuracy on the items that need the image."""
+    needs = str(record.get("needs", "all"))
+    groups = [needs]
+    if record.get("cue") in ("prior", "nonprior") and needs not in ("text", "all"):
+        groups.append(f"{needs}_{record['cue']}")
+    return groups
+
 class SFTEvaluator:
     def __init__(self, collator, eval_cfg, batch_size: int, dtype):
         self.collator, self.cfg, self.batch_size, self.dtype = collator, eval_cfg, batch_size, dtype
@@ -63,6 +74,7 @@ class SFTEvaluator:
         was_training = model.training
         model.eval()
         loss_sum = n_tok = 0.0
+        correct = total = 0
         per = {k: [0, 0] for k in needs_keys}
         for group, loss_batch, score in self._encode(split, recs):
             b = to_device(loss_batch, device, self.dtype)
@@ -72,20 +84,22 @@ class SFTEvaluator:
             hits = self._options(model, group, score, device) if self.cfg.accuracy == "options" \
                 else self._generate(model, group, score, device)
             for r, h in zip(group, hits):
-                k = r.get("needs", "all")
-                per[k][0] += h
-                per[k][1] += 1
+                correct += h
+                total += 1
+                for k in eval_groups(r):
+                    per[k][0] += h
+                    per[k][1] += 1
         if was_training:
             model.train()
         keys = list(needs_keys)
-        t = torch.tensor([loss_sum, n_tok] + [v for k in keys for v in per[k]], dtype=torch.float64, device=device)
+        t = torch.tensor([loss_sum, n_tok, correct, total] + [v for k in keys for v in per[k]], dtype=torch.float64,
+                         device=device)
         if accelerator.num_processes > 1:
             t = accelerator.reduce(t, reduction="sum")
         t = t.tolist()
-        correct, total = sum(t[2::2]), sum(t[3::2])
-        out = {"loss": t[0] / max(t[1], 1), "accuracy": correct / max(total, 1), "n": int(total)}
+        out = {"loss": t[0] / max(t[1], 1), "accuracy": t[2] / max(t[3], 1), "n": int(t[3])}
         for i, k in enumerate(keys):
-            c, n = t[2 + 2 * i], t[3 + 2 * i]
+            c, n = t[4 + 2 * i], t[5 + 2 * i]
             if n:
                 out[f"accuracy_{k}"] = c / n
         return out
