@@ -201,6 +201,14 @@ class Balancer:
     # through ctx.training_step and returns early when ctx.stop_requested()
 
     # -- checkpointing ------------------------------------------------------------------------
+    def save_pretrained(self, model, path: str) -> None:
+        """Called after the best model is written to `path` (best/): methods whose state changes what the
+        model computes, but lives outside its weights (RollingQ's decoder rotation), write it there."""
+
+    def load_pretrained(self, model, path: str) -> None:
+        """Called after the best model is reloaded from `path` for the test read: the counterpart of
+        `save_pretrained`."""
+
     def state_dict(self) -> dict:
         """Tensors and JSON values; saved in every checkpoint and restored on resume."""
         return {}

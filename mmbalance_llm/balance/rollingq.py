@@ -43,8 +43,15 @@ class RollingQConfig(BalancerConfig):
     beta: float = hp(0.0, "Rotate a (layer, head) only when its AIR exceeds this (--beta).", min=0.0)
     sigma: float = hp(0.0, "Target weighting strength: alpha = (1 + tanh(-sigma AIR)) / 2 (--sigma).")
     rotation: str = hp("svd", "'svd' (the paper's U V^T) or 'plane' (minimal rotation in span(q, t)).")
+    layers: list = hp([], "Task sft: decoder layers whose answer queries rotate (indices, negative from the end; "
+                          "empty: every decoder layer).")
+    estimate_max_batches: int = hp(0, "Task sft: cap on the training batches of each estimation pass (0: the "
+                                      "whole training split).", min=0)
 
     def __post_init__(self):
+        if not isinstance(self.layers, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
+            raise ValueError(f"balance.layers must be a list of decoder layer indices, got {self.layers!r}")
         if self.rotation not in ("svd", "plane"):
             raise ValueError(f"balance.rotation must be 'svd' or 'plane', got {self.rotation!r}")
         if self.r_time < 0:
@@ -57,11 +64,13 @@ class RollingQ(Balancer):
     stage = "feed-forward"
     paper = "RollingQ: Reviving the Cooperation Dynamics in Multimodal Transformer (Ni et al., ICML 2025)"
     supports_many_modalities = True
+    tasks = ("classify", "sft")
     config_class = RollingQConfig
 
     def __init__(self, config=None):
         super().__init__(config)
         self.rotations = 0
+        self._decoder = None  # task sft: the DecoderRollingQ handle (balance/_rollingq_sft.py)
 
     def build_model(self, model_cfg, modalities, input_shapes, num_classes):
         from mmbalance_llm.models.registry import build_model
@@ -75,6 +84,11 @@ class RollingQ(Balancer):
     def setup(self, ctx, model) -> None:
         super().setup(ctx, model)
         self._model = model
+        if ctx.task == "sft":
+            from mmbalance_llm.balance._rollingq_sft import DecoderRollingQ
+
+            self._decoder = DecoderRollingQ(ctx, model, self.config)
+            return
         core = ctx.unwrap(model)
         if not (hasattr(core, "query_rotation") and hasattr(core, "diagnostic_sums")):
             raise ValueError("balance.method 'rollingq' needs an attention-fusion model with a query rotation "
@@ -96,24 +110,42 @@ class RollingQ(Balancer):
     def on_epoch_end(self, model, epoch: int) -> None:
         if self.rotations >= self.config.r_time:
             return
-        core = self.ctx.unwrap(model)
-        sums = self.estimate(model)
-        rotation = core.query_rotation
-        info = rotate_from_sums(sums, rotation, self.config.beta, self.config.sigma, self.config.rotation)
-        rotated = bool(info["rotated"].any())
-        if rotated:
-            self.rotations += 1
-            core.config.rotation_count = int(core.config.rotation_count) + 1
+        if self._decoder is not None:
+            info = self._decoder.on_epoch_end(model, epoch)
+            rotated = bool(info["rotated"].any())
+            self.rotations += int(rotated)
+        else:
+            core = self.ctx.unwrap(model)
+            sums = self.estimate(model)
+            rotation = core.query_rotation
+            info = rotate_from_sums(sums, rotation, self.config.beta, self.config.sigma, self.config.rotation)
+            rotated = bool(info["rotated"].any())
+            if rotated:
+                self.rotations += 1
+                core.config.rotation_count = int(core.config.rotation_count) + 1
         self.ctx.log({"step": self.ctx.global_step, "epoch": epoch + 1, "split": "rollingq",
                       "air": float(info["air"].mean()), "rotated_heads": int(info["rotated"].sum()),
                       "rotation_angle_deg": float(info["angle"][info["rotated"]].mean()) if rotated else 0.0,
                       "rotations": self.rotations})
 
     def state_dict(self) -> dict:
+        if self._decoder is not None:  # the decoder's rotation is not in the model's weights: keep it here
+            return {"rotations": self.rotations, **self._decoder.state()}
         return {"rotations": self.rotations}
 
     def load_state_dict(self, state: dict) -> None:
         self.rotations = int(state.get("rotations", 0))
+        if self._decoder is not None:
+            self._decoder.load(state)
+            return
         if getattr(self, "_model", None) is not None:  # the rotation buffer comes back with the weights
             core = self.ctx.unwrap(self._model)
             core.config.rotation_count = max(int(core.config.rotation_count), self.rotations)
+
+    def save_pretrained(self, model, path: str) -> None:
+        if self._decoder is not None:
+            self._decoder.save_pretrained(path)
+
+    def load_pretrained(self, model, path: str) -> None:
+        if self._decoder is not None:
+            self._decoder.load_pretrained(path)

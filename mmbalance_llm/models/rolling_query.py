@@ -95,6 +95,27 @@ def rotate_from_sums(sums: dict, rotation: torch.Tensor, beta: float, sigma: flo
 
 
 # -- HF wrapper ------------------------------------------------------------------------------------
+QUERY_MODES = ("positions", "answer")
+
+
+def answer_query_mask(labels: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor], t: int,
+                      batch: int, device) -> torch.Tensor:
+    """[B, T] bool: the positions whose next token is an answer token (``labels[:, t + 1] != -100``), i.e. the
+    queries that predict the answer; without labels (generation) the last attended position of each row (the
+    one that predicts the next token), or position T-1 during cached decoding."""
+    mask = torch.zeros(batch, t, dtype=torch.bool, device=device)
+    if labels is not None and labels.shape[-1] == t:
+        mask[:, :-1] = labels[:, 1:].to(device) != -100
+        return mask
+    if attention_mask is not None and attention_mask.shape[-1] == t:
+        am = attention_mask.to(device).bool()
+        last = t - 1 - am.flip(1).long().argmax(1)
+        mask[torch.arange(batch, device=device), last] = True
+        return mask
+    mask[:, -1] = True
+    return mask
+
+
 def _decoder_layers(model: nn.Module) -> list:
     """The decoder layers that have `self_attn.q_proj` / `k_proj`, in order (the language model only)."""
     layers = []
@@ -119,8 +140,12 @@ class RollingQuery(nn.Module):
     leaves the model's state dict untouched); save it with `state_dict()` / `save(path)`."""
 
     def __init__(self, model, modality_token_ids: Optional[dict], query_positions: Sequence[int],
-                 layers: Optional[Sequence[int]], modalities: Optional[Sequence[str]]):
+                 layers: Optional[Sequence[int]], modalities: Optional[Sequence[str]], query_mode: str = "positions"):
         super().__init__()
+        if query_mode not in QUERY_MODES:
+            raise ValueError(f"add_rolling_query: query_mode must be one of {', '.join(QUERY_MODES)}, got {query_mode!r}")
+        self.query_mode = query_mode
+        self._query_mask: Optional[torch.Tensor] = None
         tc = _text_config(model)
         self.num_heads = int(tc.num_attention_heads)
         self.num_kv_heads = int(getattr(tc, "num_key_value_heads", None) or self.num_heads)
@@ -155,9 +180,14 @@ class RollingQuery(nn.Module):
         self._modality_ids, self._explicit = ids, ids is not None
 
     def _read_ids(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        if self.query_mode == "answer":  # which queries to rotate / record: read from this forward's labels
+            ref = ids if ids is not None else kwargs.get("inputs_embeds")
+            if ref is not None:
+                self._query_mask = answer_query_mask(kwargs.get("labels"), kwargs.get("attention_mask"),
+                                                     ref.shape[1], ref.shape[0], ref.device)
         if self._explicit:
             return None
-        ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
         tt = kwargs.get("mm_token_type_ids")
         if tt is not None:  # 0 text, 1 image, 2 video, 3 audio (the transformers convention)
             names = {0: "text", 1: "image", 2: "video", 3: "audio"}
@@ -177,18 +207,28 @@ class RollingQuery(nn.Module):
     def _positions(self, t: int) -> list:
         return sorted({p % t for p in self.query_positions if -t <= p < t})
 
+    def _query_select(self, b: int, t: int, device) -> torch.Tensor:
+        """[B, T] bool of the queries this forward rotates and records."""
+        m = self._query_mask
+        if self.query_mode == "answer" and m is not None and tuple(m.shape) == (b, t):
+            return m.to(device)
+        mask = torch.zeros(b, t, dtype=torch.bool, device=device)
+        mask[:, self._positions(t)] = True
+        return mask
+
     def _q_hook(self, li: int):
         def hook(module, args, out):
             b, t, _ = out.shape
-            pos = self._positions(t)
+            sel = self._query_select(b, t, out.device)
             q = out.view(b, t, self.num_heads, self.head_dim)
             if self.rotation_count > 0:
-                qp = torch.einsum("hij,bphj->bphi", self.rotation[li].to(device=out.device, dtype=out.dtype), q[:, pos])
+                qp = torch.einsum("hij,nhj->nhi", self.rotation[li].to(device=out.device, dtype=out.dtype), q[sel])
                 q = q.clone()
-                q[:, pos] = qp
+                q[sel] = qp
                 out = q.reshape(b, t, -1)
             if self.recording:
-                self._arrive(li, "q", q[:, pos].detach())
+                rows = sel.nonzero()[:, 0]
+                self._arrive(li, "q", (q[sel].detach(), rows))
             return out
         return hook
 
@@ -208,7 +248,9 @@ class RollingQuery(nn.Module):
             del self._keys[li]
             self._record(li, pending["q"], pending["k"])
 
-    def _record(self, li: int, q: torch.Tensor, k: torch.Tensor) -> None:
+    def _record(self, li: int, q_rows: tuple, k: torch.Tensor) -> None:
+        """q_rows: (the selected queries [N, H, dh], their batch rows [N]); k: [B, T, Hkv, dh]."""
+        q, rows = q_rows
         ids = self._modality_ids
         if ids is None:
             raise RuntimeError("RollingQuery: no modality ids for this forward (call the top model with input_ids "
@@ -216,7 +258,7 @@ class RollingQuery(nn.Module):
         if ids.shape != k.shape[:2]:
             raise ValueError(f"RollingQuery: modality ids have shape {tuple(ids.shape)}, the keys {tuple(k.shape[:2])}")
         k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2).double()  # [B, T, H, dh]
-        q = q.double()  # [B, P, H, dh]
+        q, rows = q.double(), rows.to(k.device)  # [N, H, dh], [N]
         L, H, dh, M = self.rotation.shape[0], self.num_heads, self.head_dim, len(self.modalities)
         if not self._sums:
             z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
@@ -229,14 +271,14 @@ class RollingQuery(nn.Module):
             cnt = mask.sum(1)  # [B]
             ksum = torch.einsum("bt,bthd->bhd", mask, k)
             kmean = ksum / cnt.clamp_min(1)[:, None, None]
-            have = (cnt > 0).double()  # a sample without modality j adds nothing to a_j
-            cos = F.cosine_similarity(q, kmean[:, None], dim=-1)  # [B, P, H]
-            s["cos"][li, :, j] += (cos * have[:, None, None]).sum((0, 1)).cpu()
-            s["count"][li, :, j] += have.sum() * q.shape[1]
+            have = (cnt > 0).double()[rows]  # a sample without modality j adds nothing to a_j
+            cos = F.cosine_similarity(q, kmean[rows], dim=-1)  # [N, H]
+            s["cos"][li, :, j] += (cos * have[:, None]).sum(0).cpu()
+            s["count"][li, :, j] += have.sum().cpu()
             s["key_sum"][li, :, j] += ksum.sum(0).cpu()
-        s["query_sum"][li] += q.sum((0, 1)).cpu()
+        s["query_sum"][li] += q.sum(0).cpu()
         if li == 0:
-            s["n"] += q.shape[0] * q.shape[1]
+            s["n"] += q.shape[0]
 
     def statistics(self) -> dict:
         """Sums of the recorded passes, in the form `rotate_from_sums` reads (reduce them across processes
@@ -284,12 +326,15 @@ class RollingQuery(nn.Module):
 
 def add_rolling_query(model: nn.Module, modality_token_ids: Optional[dict] = None,
                       query_positions: Sequence[int] = (-1,), layers: Optional[Sequence[int]] = None,
-                      modalities: Optional[Sequence[str]] = None) -> RollingQuery:
+                      modalities: Optional[Sequence[str]] = None, query_mode: str = "positions") -> RollingQuery:
     """Add RollingQ's statistic and query rotation to a Hugging Face decoder (e.g. LLaVA's language model).
 
     `modality_token_ids`: {modality: placeholder token id}, e.g. {"image": config.image_token_id}; other
     tokens count as "text". A batch's `mm_token_type_ids` takes precedence. `query_positions`: the query
     positions to rotate (negative counts from the end; default the last token). `layers`: decoder layer
-    indices (default all). Returns the `RollingQuery` handle; `handle.remove()` undoes everything.
+    indices (default all). `query_mode="answer"` replaces the fixed positions by the queries that predict the
+    answer: per row, the positions whose next token has a label (teacher-forced training and scoring), or the
+    last attended position when the forward has no labels (generation). Returns the `RollingQuery` handle;
+    `handle.remove()` undoes everything.
     """
-    return RollingQuery(model, modality_token_ids, query_positions, layers, modalities)
+    return RollingQuery(model, modality_token_ids, query_positions, layers, modalities, query_mode)

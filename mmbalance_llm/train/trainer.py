@@ -244,6 +244,7 @@ class Trainer:
             self.state.update(best_metric=metrics[key], best_step=self.state["global_step"], best_epoch=epoch,
                               best_validation=metrics, evals_since_best=0)
             self.task.save_best(self.accelerator, self.model, os.path.join(self.output_dir, "best"))
+            self.balancer.save_pretrained(self.model, os.path.join(self.output_dir, "best"))
             self.accelerator.wait_for_everyone()
         else:
             self.state["evals_since_best"] = self.state.get("evals_since_best", 0) + 1
@@ -324,6 +325,7 @@ class Trainer:
         """Reload the best model, read the test split once, write final_metrics.json and the plots."""
         acc = self.accelerator
         self.task.load_best(acc, self.model, os.path.join(self.output_dir, "best"))
+        self.balancer.load_pretrained(self.model, os.path.join(self.output_dir, "best"))
         final = {"validation": self.state["best_validation"]}
         if self.task.has_split("test"):
             final["test"] = self.evaluate("test")

@@ -116,6 +116,13 @@ class SFTTask(Task):
         self.train_dataset = self.preprocessed["train"]
         self.evaluator = SFTEvaluator(self.collator, r.eval, r.train.per_device_eval_batch_size, self.dtype)
 
+    def setup(self, accelerator, model, make_loader=None) -> None:
+        super().setup(accelerator, model, make_loader)
+        # the training split in a fixed order, for methods that measure over it (RollingQ's estimation pass);
+        # building it costs nothing until a method iterates it
+        self.loaders = {"train_eval": accelerator.prepare(make_loader(
+            self.train_dataset, False, self.recipe.train.per_device_eval_batch_size, self.collate))}
+
     def build_model(self, balancer, model=None):
         import peft
 
