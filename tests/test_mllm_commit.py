@@ -51,11 +51,16 @@ def test_zero_strength_reproduces_the_plain_run_bit_for_bit(tmp_path):
 def test_learning_rate_factors_follow_the_odds_ratio():
     from mmbalance_llm.balance.commit import balance_coefficient, kl_sum, lr_factors
 
-    f = lr_factors(0.8, 0.5, 1.0, 0.1, 10.0)  # odds 4: the feature side learns 4x too fast
-    assert f == pytest.approx({"feature": 0.5, "llm": 2.0})
-    assert lr_factors(0.5, 0.5, 1.0, 0.1, 10.0) == {"feature": 1.0, "llm": 1.0}
-    assert lr_factors(0.999, 0.5, 2.0, 0.1, 10.0) == {"feature": 0.1, "llm": 10.0}  # clamped
-    assert lr_factors(0.8, 0.5, 0.0, 0.1, 10.0) == {"feature": 1.0, "llm": 1.0}
+    one = {"feature": 1.0, "llm": 1.0}
+    f = lr_factors(0.8, 0.5, 1.0, 0.1, 10.0, one)  # odds 4 at equal rates: the feature side moves 4x the KL
+    assert f == pytest.approx({"feature": 4 ** -0.25, "llm": 4 ** 0.25})  # step ratio 1/2: KL ratio 1/4 x 4 = 1
+    # kappa measured under those factors, back at the target: the factors stay
+    assert lr_factors(0.5, 0.5, 1.0, 0.1, 10.0, f) == pytest.approx(f)
+    # measured 0.8 while the feature side already runs at half the LLM's rate: its odds at equal rates are 4 * 4^2
+    assert lr_factors(0.8, 0.5, 1.0, 0.01, 100.0, {"feature": 0.5, "llm": 2.0}) == pytest.approx(
+        {"feature": 64 ** -0.25, "llm": 64 ** 0.25})
+    assert lr_factors(0.999, 0.5, 4.0, 0.1, 10.0, one) == {"feature": 0.1, "llm": 10.0}  # clamped
+    assert lr_factors(0.8, 0.5, 0.0, 0.1, 10.0, one) == one
     p, q = torch.tensor([[0.7, 0.2, 0.1]]), torch.tensor([[0.5, 0.25, 0.25]])
     hand = sum(a * math.log(a / b) for a, b in zip(p[0].tolist(), q[0].tolist()))
     assert kl_sum(p.log(), q.log()).item() == pytest.approx(hand, rel=1e-6)
@@ -147,7 +152,7 @@ def test_commit_resumes_exactly_with_the_pending_snapshot_and_the_factors(tmp_pa
     assert _same(_adapter_weights(tmp_path / "full" / "best"), _adapter_weights(tmp_path / "part" / "best"))
     rows = _rows(tmp_path / "full")
     assert "kappa" not in rows[0] and all("kappa" in r and "commit_aux" in r for r in rows[1:])
-    assert len({r["lr_factor_feature"] for r in rows}) > 1  # the factors moved
+    assert len({r["lr_factor_feature"] for r in rows[1:]}) > 1  # the factors moved
 
 
 @pytest.mark.slow

@@ -26,12 +26,15 @@ mode (no dropout, no random draw) over the answer-predicting positions (``labels
 (KL per position, summed over positions and processes with ``ctx.reduce_sum`` before the ratio, so every rank
 gets the same kappa; T_t = KL(p(theta_{t+1}, phi_{t+1}) || p(theta_{t+1}, phi_t)), the LLM's own step, is logged.)
 
-Dynamic learning rates: every ``lr_update_every`` steps (L_lr), with kbar the mean kappa since the last update and
-r = [kbar / (1 - kbar)] / [target / (1 - target)] (r > 1: the feature side learns faster than wanted),
+Dynamic learning rates: every ``lr_update_every`` steps (L_lr), with kbar the mean kappa since the last update
+(measured under the current factors f) and r0 = [kbar / (1 - kbar)] / [target / (1 - target)] * (f_llm / f_feature)^2
+the feature side's odds at equal rates (> 1: it learns faster than wanted; the square: a small step's KL grows
+with the square of its size),
 
-    lr_feature = lr * clamp(r ** (-strength / 2)),   lr_llm = lr * clamp(r ** (strength / 2))
+    lr_feature = lr * clamp(r0 ** (-strength / 4)),   lr_llm = lr * clamp(r0 ** (strength / 4))
 
-(clamped to [min_factor, max_factor]; the factors multiply the scheduled rate of each learner's parameter groups
+(strength 1: the rates under which kappa would be the target; clamped to [min_factor, max_factor]; a rule on kbar
+alone, without dividing out the current factors, swings between the two learners: measured. The factors multiply the scheduled rate of each learner's parameter groups
 through ``ctx.set_lr_factors``, so warm-up and decay still apply; under AdamW only a rate change changes the
 step size, a gradient scale would not). Regulariser, on measured steps: L = L_LM - aux_weight *
 mean KL(p(theta, phi) || sg p(theta_t, phi_t)) over the answer-predicting positions (the training forward against
@@ -39,7 +42,7 @@ the previous parameters' distribution): it rewards moving the generation distrib
 
 ``schedule_strength: 0`` and ``aux_weight: 0`` run no extra forward and change nothing: the plain run, bit for bit.
 Deviations (the paper's forms could not be checked): kappa's exact normalisation, the odds-ratio schedule with its
-clamp and the KL form of the regulariser are this module's; the paper tunes LoRA on BLIP-2 / InstructBLIP-style
+square-law correction and clamp and the KL form of the regulariser are this module's; the paper tunes LoRA on BLIP-2 / InstructBLIP-style
 models with a trainable feature encoder, here the feature side is what the recipe unfreezes (usually the projector).
 Cost: on a measured step, three no-grad forwards and a copy of the trainable parameters (one more copy is kept
 between steps and saved in checkpoints while pending, so a resumed run measures exactly as the uninterrupted one).
@@ -63,8 +66,9 @@ PREV = "prev/"  # key prefix of the pending parameter snapshot in the balancer s
 
 @dataclass
 class CoMMITConfig(BalancerConfig):
-    schedule_strength: float = hp(1.0, "Strength of the coordinated learning rates: the factors are the balance "
-                                       "odds ratio to the power -/+ strength/2 (0: learning rates untouched).", min=0.0)
+    schedule_strength: float = hp(1.0, "Strength of the coordinated learning rates: the factors are the feature "
+                                       "side's odds at equal rates to the power -/+ strength/4 (1: the rates that "
+                                       "would give target_kappa; 0: learning rates untouched).", min=0.0)
     aux_weight: float = hp(0.1, "Weight of the regulariser that rewards moving the generation distribution away "
                                 "from the previous step's (0: no regulariser).", min=0.0)
     target_kappa: float = hp(0.5, "The balanced value of kappa = S/J (the feature side's share of the change).",
@@ -91,13 +95,16 @@ def balance_coefficient(s: float, j: float) -> float | None:
     return s / j if j > 1e-12 else None
 
 
-def lr_factors(kbar: float, target: float, strength: float, low: float, high: float) -> dict:
-    """{"feature": r ** (-strength/2), "llm": r ** (strength/2)} clamped to [low, high], r the odds ratio of kbar
-    to the target."""
+def lr_factors(kbar: float, target: float, strength: float, low: float, high: float, current: dict) -> dict:
+    """The factors that bring kappa to the target. A small step's KL grows with the square of its size, so under
+    the current factors the odds kappa/(1-kappa) are r0 * (f_feature / f_llm)^2, r0 the odds at equal rates (to
+    the target's odds); the new factors are f_feature = r0^(-strength/4), f_llm = r0^(strength/4), clamped to
+    [low, high] (strength 1: the step sizes that give the target)."""
     k = min(max(kbar, 1e-3), 1 - 1e-3)
-    log_r = math.log(k / (1 - k)) - math.log(target / (1 - target))
-    return {"feature": min(max(math.exp(-strength / 2 * log_r), low), high),
-            "llm": min(max(math.exp(strength / 2 * log_r), low), high)}
+    log_r0 = (math.log(k / (1 - k)) - math.log(target / (1 - target))
+              + 2 * (math.log(current["llm"]) - math.log(current["feature"])))
+    return {"feature": min(max(math.exp(-strength / 4 * log_r0), low), high),
+            "llm": min(max(math.exp(strength / 4 * log_r0), low), high)}
 
 
 @register
@@ -200,7 +207,8 @@ class CoMMIT(Balancer):
         if c.schedule_strength > 0 and (step + 1) % c.lr_update_every == 0 and self.window:
             kbar = sum(self.window) / len(self.window)
             self.window = []
-            self.factors = lr_factors(kbar, c.target_kappa, c.schedule_strength, c.min_factor, c.max_factor)
+            self.factors = lr_factors(kbar, c.target_kappa, c.schedule_strength, c.min_factor, c.max_factor,
+                                      self.factors)
             self.ctx.set_lr_factors(self.factors)  # this step's optimizer update already uses them
         if c.schedule_strength > 0:
             logs.update(lr_factor_feature=self.factors["feature"], lr_factor_llm=self.factors["llm"])
