@@ -48,6 +48,21 @@ def test_zero_strength_reproduces_the_plain_run_bit_for_bit(tmp_path):
     assert all("kappa" not in r and "commit_aux" not in r for r in _rows(tmp_path / "zero"))
 
 
+def test_the_learner_groups_change_no_number(tmp_path, monkeypatch):
+    """make_optimizer splits an MLLM's groups into "llm" / "feature": the same weights as one group would give."""
+    import mmbalance_llm.train.setup as setup
+    from mmbalance_llm.train.trainer import Trainer
+
+    raw = recipe(tmp_path, "split", {"method": "none"}, max_steps=2, weight_decay=0.01)
+    build_assets(raw)
+    assert Trainer(raw).fit() is not None
+    monkeypatch.setattr(setup, "learner_groups", lambda model, groups: groups)
+    trainer = Trainer(recipe(tmp_path, "one", {"method": "none"}, max_steps=2, weight_decay=0.01))
+    assert all("learner" not in g for g in trainer.optimizer.param_groups)
+    trainer.fit()
+    assert _same(_adapter_weights(tmp_path / "split" / "best"), _adapter_weights(tmp_path / "one" / "best"))
+
+
 def test_learning_rate_factors_follow_the_odds_ratio():
     from mmbalance_llm.balance.commit import balance_coefficient, kl_sum, lr_factors
 
