@@ -664,6 +664,7 @@ ROWS = {
     "unimodal_aux": row_unimodal_aux,
 }
 NO_ROW: dict = {  # method -> why its math is pinned elsewhere
+    "commit": "task sft, paper only; kappa, the factors and the regulariser are pinned in tests/test_mllm_commit.py",
     "mllm_contrast": "task sft; the hinge and zero weight are pinned in tests/test_mllm_balance.py",
     "mllm_ogm": "task sft; OGM's coefficient rule and the exact token-masked scaling are pinned in "
                 "tests/test_mllm_balance.py",

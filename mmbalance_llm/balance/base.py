@@ -39,7 +39,8 @@ class TrainContext:
     `metrics.jsonl` / TensorBoard row, `training_step(batch)` is the loop's one optimizer step (for methods
     that reorganise an epoch), `optimizer_step(batch)` the same step without advancing the schedule, the
     step counter or the logs (for the extra per-modality steps of MLA), `stop_requested()` says whether the
-    run must stop now (train.stop_after_steps / max_steps)."""
+    run must stop now (train.stop_after_steps / max_steps), `set_lr_factors(factors)` multiplies the scheduled
+    learning rate of an MLLM's feature-side / LLM parameter groups (CoMMIT's coordinated learning rates)."""
 
     accelerator: Any
     modalities: list
@@ -63,6 +64,8 @@ class TrainContext:
     task_forward: Optional[Callable] = None   # the task's plain forward(model, batch) -> outputs
     task_loss: Optional[Callable] = None      # the task's plain loss(batch, outputs) -> (loss, logs)
     progress: dict = dataclasses.field(default_factory=dict)  # the loop's counters (read-only for methods)
+    set_lr_factors: Optional[Callable] = None  # ({learner: factor}) scales the scheduled lr of the "feature" /
+    # "llm" parameter groups of an MLLM from the next optimizer step on (train/trainer.py Trainer.set_lr_factors)
 
     @property
     def batches_done(self) -> int:

@@ -71,6 +71,7 @@ def make_optimizer(model, cfg):
     from mmbalance_llm.models.param_groups import modality_lr_groups
 
     groups = modality_lr_groups(model, groups)  # model.encoders.<m>.lr: per-modality learning rates
+    groups = learner_groups(model, groups)  # MLLMs: "feature" / "llm" groups, for Trainer.set_lr_factors
     # no empty groups: DeepSpeed drops them, and a schedule built on the torch optimizer would then count
     # more groups than the engine's optimizer has (an adapter has no 1-d parameters)
     groups = [g for g in groups if g["params"]]
@@ -82,6 +83,35 @@ def make_optimizer(model, cfg):
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+
+
+def learner_of(model):
+    """For an HF MLLM (a model with a modality map): parameter name -> "feature" (towers and projector) or "llm"
+    (the language model and its adapter), else None; None for other models."""
+    from mmbalance_llm.models.modality_map import get_modality_map
+
+    try:
+        mmap = get_modality_map(model)
+    except (TypeError, ValueError):
+        return None
+    learners = {"tower": "feature", "projector": "feature", "language_model": "llm"}
+    return lambda name: learners.get(mmap.component_of(name))
+
+
+def learner_groups(model, groups: list) -> list:
+    """Split each group by learner and tag it (`group["learner"]`); groups of other models are unchanged. AdamW
+    and SGD update every parameter alone, so the split changes no number."""
+    which = learner_of(model)
+    if which is None:
+        return groups
+    learner = {id(p): which(n) for n, p in model.named_parameters()}
+    out = []
+    for group in groups:
+        for name in ("llm", "feature", None):  # the LLM first: the logged "lr" is its group's
+            mine = [p for p in group["params"] if learner.get(id(p)) == name]
+            if mine:
+                out.append({**group, "params": mine, **({"learner": name} if name else {})})
+    return out
 
 
 def make_scheduler(optimizer, cfg, steps_per_epoch: int, total_steps: int, num_processes: int = 1):

@@ -98,7 +98,7 @@ class Trainer:
             num_workers=cfg.dataloader_num_workers, resuming=self.resume_dir is not None, log=self._log,
             training_step=self.training_step, optimizer_step=self.optimizer_step,
             stop_requested=self.stop_requested, task_forward=task.forward, task_loss=task.loss,
-            progress=self.state)
+            progress=self.state, set_lr_factors=self.set_lr_factors)
         if hasattr(task, "bind"):
             task.bind(self.ctx)
         self.balancer.setup(self.ctx, self.model)
@@ -147,6 +147,21 @@ class Trainer:
 
     def _log(self, row: dict) -> None:
         self.logger.log(row)
+
+    def set_lr_factors(self, factors: dict) -> None:
+        """Multiply the scheduled learning rate of each learner's parameter groups (`group["learner"]`, made by
+        train/setup.py `learner_groups`) by its factor, from the next optimizer step on; unnamed groups keep 1.
+        The factor applies to the group's base rate (`initial_lr`), so calling it again replaces, never compounds;
+        the factored base is part of the optimizer / scheduler state, and a balancer re-applies its factors
+        after a resume (TrainContext.set_lr_factors)."""
+        sched = getattr(self.scheduler, "scheduler", self.scheduler)  # the LambdaLR inside accelerate's wrapper
+        for i, group in enumerate(self.optimizer.param_groups):
+            base = group.setdefault("initial_lr", group["lr"])  # LambdaLR sets it; a constant rate is its own base
+            lr = base * float(factors.get(group.get("learner"), 1.0))
+            if sched is not None:
+                sched.base_lrs[i] = lr
+                lr = lr * sched.lr_lambdas[i](sched.last_epoch)
+            group["lr"] = lr
 
     # -- one optimizer step -----------------------------------------------------------------------
     def optimizer_step(self, batch: dict):
