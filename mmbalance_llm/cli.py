@@ -4,7 +4,7 @@
     mmbalance compare [--recipes DIR | --recipe R] [--methods a,b] [--seeds 0,1,2] [--jobs N] [--data PATH] [key=value ...]
     mmbalance eval MODEL_DIR --data PATH [--split test]
     mmbalance make-data synthetic OUT_DIR [--preset P] [--modality name:dim=32,snr=2,encoding=linear ...]
-    mmbalance make-data mm-instruct OUT_DIR [--modalities image,audio] [--format sharegpt|llava]
+    mmbalance make-data mm-instruct OUT_DIR [--modalities image,audio] [--format sharegpt|llava] [--text-prior 0.8]
     mmbalance make-data tiny-model {llava,qwen2_vl,qwen2_5_vl,qwen2_audio,all} OUT_DIR
     mmbalance make-data diagnostic OUT_DIR         (reliance benchmark with ground truth, all formats)
     mmbalance make-data from-arrays OUT_DIR --input FILE.npz|csv|parquet [--view NAME=SPEC ...] [--label y]

@@ -75,3 +75,32 @@ def test_bad_generate_values_are_one_line_recipe_errors(tmp_path, gen, match):
                     "generate": {"modalities": ["image"], **gen}}}
     with pytest.raises(RecipeError, match=match):
         load_recipe(raw)
+
+
+def test_reliance_diagnostic_of_a_model_trained_to_ignore_the_image_shows_no_gain(tmp_path):
+    """With text_prior 1 every media answer is its question's prior answer: the image carries nothing the model
+    needs, so a model trained on it answers the same with and without the image (multimodal gain ~ 0) while it
+    answers well."""
+    from mmbalance_llm.train.trainer import Trainer
+
+    data = tmp_path / "data"
+    raw = {"task": "sft", "output_dir": str(tmp_path / "run"), "adapter": "lora",
+           "adapter_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+           "model": {"name_or_path": str(tmp_path / "tiny"), "build_tiny": "llava"},
+           "data": {"train": str(data / "train.json"), "validation": str(data / "validation.json"),
+                    "max_length": 96, "cache_dir": str(tmp_path / "cache"),
+                    "generate": {"modalities": ["image"], "n_train": 64, "n_validation": 24, "n_test": 4,
+                                 "seed": 0, "text_prior": 1.0, "test_prior": "same"}},
+           "train": {"num_train_epochs": 4, "per_device_train_batch_size": 8, "learning_rate": 1e-2,
+                     "logging_steps": 100, "progress": False, "plots": False},
+           "eval": {"diagnostics_max_samples": 24}}
+    final = Trainer(raw).fit()
+    val = final["validation"]
+    assert val["accuracy_image"] >= 0.9  # it answers the image questions (option scoring) ...
+    # ... and the answer's log-probability does not depend on the image: dropped or blanked, within 0.05 nats per
+    # answer token (a model that reads the image, e.g. the benchmark's MokA runs, shows gains of ~0.5). The
+    # teacher-forced exact-match gain is not asserted: dropping the placeholders shifts every position of a model
+    # never trained without them, which flips argmaxes without a change of belief (here 0.58 -> 0.33 exact
+    # match at a log-prob change of 0.003).
+    assert abs(val["diagnostics/reliance/logp_gain"]) <= 0.05
+    assert abs(val["diagnostics/reliance/image/logp_full"] - val["diagnostics/reliance/image/logp_blank"]) <= 0.05
