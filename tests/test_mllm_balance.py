@@ -166,8 +166,12 @@ def test_mllm_ogm_scales_mokas_per_modality_a_by_exactly_the_coefficient(tmp_pat
 
 
 @pytest.mark.slow
-def test_mllm_ogm_under_two_processes_sums_the_contributions_over_ranks(tmp_path):
-    """2 CPU processes x 2 samples see the same contributions, coefficients and diagnostics as 1 process x 4."""
+@pytest.mark.parametrize("balance,keys", [
+    ({"method": "mllm_ogm", "alpha": 0.8}, ("contrib_text", "contrib_image", "coeff_text", "coeff_image")),
+    ({"method": "mllm_contrast", "weight": 1.0}, ("margin_image", "contrast_loss"))])
+def test_mllm_methods_under_two_processes_match_one(tmp_path, balance, keys):
+    """2 CPU processes x 2 samples see the same statistics (OGM: contributions and coefficients summed over ranks;
+    contrast: the logged margins and hinge, summed over ranks) and diagnostics as 1 process x 4."""
     import yaml
 
     from test_sft_loop import launch
@@ -176,7 +180,7 @@ def test_mllm_ogm_under_two_processes_sums_the_contributions_over_ranks(tmp_path
 
     def recipe(name, **train):
         raw = sft_recipe(tmp_path, name, max_steps=2, **train)
-        raw["balance"] = {"method": "mllm_ogm", "alpha": 0.8}
+        raw["balance"] = dict(balance)
         raw["eval"] = {"diagnostics_max_samples": 4}
         return raw
 
@@ -189,7 +193,7 @@ def test_mllm_ogm_under_two_processes_sums_the_contributions_over_ranks(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = ([json.loads(x) for x in open(tmp_path / n / "metrics.jsonl")] for n in ("one", "two"))
     t1, t2 = ([r for r in rows if r["split"] == "train"] for rows in (one, two))
-    for key in ("contrib_text", "contrib_image", "coeff_text", "coeff_image"):
+    for key in keys:
         assert t2[0][key] == pytest.approx(t1[0][key], abs=1e-4), key  # same weights, same 4 samples
     v1, v2 = one[0], two[0]  # before training: the diagnostics cannot depend on the process count
     for key in v1:
@@ -197,13 +201,16 @@ def test_mllm_ogm_under_two_processes_sums_the_contributions_over_ranks(tmp_path
             assert v2[key] == pytest.approx(v1[key], abs=1e-4), key
 
 
-def test_mllm_ogm_with_sparse_measurements_resumes_exactly(tmp_path):
-    """every_n_steps 2: a run stopped at an odd step resumes with the checkpointed coefficients."""
+@pytest.mark.parametrize("balance,key", [({"method": "mllm_ogm", "alpha": 0.8, "every_n_steps": 2}, "coeff_text"),
+                                         ({"method": "mllm_contrast", "weight": 1.0, "every_n_steps": 2},
+                                          "contrast_loss")])
+def test_mllm_methods_with_sparse_measurements_resume_exactly(tmp_path, balance, key):
+    """every_n_steps 2: a run stopped at an odd step resumes exactly (OGM: with the checkpointed coefficients)."""
     from mmbalance_llm.train.trainer import Trainer
 
     def recipe(name, **train):
         raw = sft_recipe(tmp_path, name, **train)
-        raw["balance"] = {"method": "mllm_ogm", "alpha": 0.8, "every_n_steps": 2}
+        raw["balance"] = dict(balance)
         return raw
 
     build_assets(recipe("full"))
@@ -213,4 +220,4 @@ def test_mllm_ogm_with_sparse_measurements_resumes_exactly(tmp_path):
     assert resumed == full
     assert _same(_adapter_weights(tmp_path / "full" / "best"), _adapter_weights(tmp_path / "part" / "best"))
     rows = [json.loads(x) for x in open(tmp_path / "full" / "metrics.jsonl") if '"train"' in x]
-    assert ["coeff_text" in r for r in rows] == [s % 2 == 1 for s in range(1, len(rows) + 1)]
+    assert [key in r for r in rows] == [s % 2 == 1 for s in range(1, len(rows) + 1)]

@@ -91,10 +91,16 @@ class MLLMContrast(Balancer):
             if not bool(has.any()):
                 continue
             margin = (full - lp_without)[has]
-            terms.append(torch.relu(self.config.target_margin - margin).mean())
-            logs[f"margin_{m}"] = margin.mean().item()
+            hinge = torch.relu(self.config.target_margin - margin)
+            terms.append(hinge.mean())
+            # logged over the whole global batch (summed over processes), so a log does not depend on the split
+            tot = self.ctx.reduce_sum(torch.stack([margin.sum(), hinge.sum(), torch.tensor(float(len(margin)),
+                                                                                   device=margin.device)]).detach())
+            logs[f"margin_{m}"] = float(tot[0] / tot[2])
+            logs.setdefault("_hinge", []).append(float(tot[1] / tot[2]))
+        hinges = logs.pop("_hinge", [])
         if not terms:
             return loss, logs
         aux = torch.stack(terms).mean()
-        logs["contrast_loss"] = aux.item()
+        logs["contrast_loss"] = sum(hinges) / len(hinges)
         return loss + self.config.weight * aux, logs
