@@ -294,3 +294,14 @@ def test_sft_recipe_trains_resumes_exactly_and_zero_strength_is_the_lora_run(tmp
     assert {**fz, "adapter": "lora"} == fl
     wz, wl = _weights(tmp_path / "zero" / "best"), _weights(tmp_path / "lora" / "best")
     assert {k for k in wz if "partition" not in k} == wl.keys() and all(torch.equal(wz[k], wl[k]) for k in wl)
+
+
+def test_shipped_imod_recipes_load_and_switch_to_lora():
+    from mmbalance_llm.config import load_recipe
+
+    root = os.path.join(os.path.dirname(__file__), "..", "recipes")
+    for name in ("llava/imod.yaml", "llava/imod_tiny.yaml", "qwen2_audio/imod.yaml", "qwen2_audio/imod_tiny.yaml"):
+        cfg = load_recipe(os.path.join(root, name))
+        assert cfg.adapter == "imod" and cfg.adapter_config["align_weight"] == 1e-4
+        lora = load_recipe(os.path.join(root, name), ["adapter=lora"])
+        assert lora.adapter == "lora" and "decouple_weight" not in lora.adapter_config
