@@ -15,8 +15,8 @@ peft = pytest.importorskip("peft")
 import mmbalance_llm  # noqa: E402,F401  (registers IMoD)
 from mmbalance_llm import ImodConfig  # noqa: E402
 from mmbalance_llm.adapters.imod import ImodLinear  # noqa: E402
-from mmbalance_llm.adapters.imod.constraints import (NON_TEXT, SHARED, TEXT, align, decouple,  # noqa: E402
-                                                      layer_shared_ratio, make_partition)
+from mmbalance_llm.adapters.imod.constraints import (NON_TEXT, SHARED, TEXT, align, constraint_grads,  # noqa: E402
+                                                      decouple, layer_shared_ratio, make_partition)
 from mmbalance_llm.data.chat import ChatCollator, load_conversations  # noqa: E402
 from mmbalance_llm.data.mm_synthetic import write_instruction_set  # noqa: E402
 from mmbalance_llm.models.tiny import tiny_model_and_processor  # noqa: E402
@@ -86,6 +86,13 @@ def test_constraints_equal_the_paper_formulas_and_their_autograd_gradients():
     # gradients stay inside their blocks: MSDC touches the exclusive elements, MAAC the shared ones
     assert torch.all(decouple(A, codes, x.flatten(0, 1), text.flatten(), other.flatten())[1][codes == SHARED] == 0)
     assert torch.all(g[codes != SHARED] == 0)
+    # the fused form the layers use (two matmuls over the stacked blocks) equals the two references
+    vd, gd = decouple(A, codes, x.flatten(0, 1), text.flatten(), other.flatten())
+    va, ga = align(A, codes, x, text, other)
+    for l1, l2 in ((1.0, 1e-4), (0.5, 0.0), (0.0, 2.0)):
+        fd, fa, fg = constraint_grads(A, codes, x, text, other, l1, l2)
+        assert fd.item() == pytest.approx(vd.item() if l1 else 0.0) and fa.item() == pytest.approx(va.item() if l2 else 0.0)
+        assert torch.allclose(fg, l1 * gd + l2 * ga, rtol=1e-10, atol=1e-14)
     # no sequence with both kinds of tokens, or no media at all: the terms vanish
     none = torch.zeros_like(other)
     assert align(A, codes, x, text, none)[0].item() == 0 and not align(A, codes, x, text, none)[1].any()

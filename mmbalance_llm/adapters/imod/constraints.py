@@ -77,20 +77,18 @@ def _cos_parts(u: torch.Tensor, v: torch.Tensor, eps: float):
     return cos, du, dv
 
 
-def align(A: torch.Tensor, codes: torch.Tensor, x: torch.Tensor, text: torch.Tensor, other: torch.Tensor,
-          eps: float = 1e-8):
-    """MAAC: ``(L_MA, dL_MA/dA)`` for ``A [r,d]``, hidden states ``x [B,T,d]`` and bool masks ``[B,T]``;
-    averaged over the sequences with both text and non-text tokens (zero when there are none)."""
-    nt = text.sum(1, keepdim=True).to(x.dtype)  # [B,1]
-    no = other.sum(1, keepdim=True).to(x.dtype)
+def align_features(s: torch.Tensor, text: torch.Tensor, other: torch.Tensor, eps: float = 1e-8):
+    """MAAC on the shared block's features ``s [B,T,r]``: ``(L_MA, dL_MA/ds)``, averaged over the sequences with
+    both text and non-text tokens (zero when there are none)."""
+    nt = text.sum(1, keepdim=True).to(s.dtype)  # [B,1]
+    no = other.sum(1, keepdim=True).to(s.dtype)
     both = ((nt > 0) & (no > 0)).squeeze(1)
     nb = int(both.sum())
+    ds = torch.zeros_like(s)
     if nb == 0:
-        return x.new_zeros(()), torch.zeros_like(A)
-    ms = (codes == SHARED).to(A.dtype)
-    x, text, other, nt, no = x[both], text[both], other[both], nt[both], no[both]
-    s = x @ (A * ms).T  # [b, T, r] shared-block features
-    tm, om = text[..., None].to(s.dtype), other[..., None].to(s.dtype)
+        return s.new_zeros(()), ds
+    s, nt, no = s[both], nt[both], no[both]
+    tm, om = text[both][..., None].to(s.dtype), other[both][..., None].to(s.dtype)
     m_t = (s * tm).sum(1) / nt  # [b, r] sequence means
     m_o = (s * om).sum(1) / no
     cos_t, du_t, dv_t = _cos_parts(s, m_t[:, None], eps)  # token-to-mean cosines [b,T,1], [b,T,r]
@@ -103,6 +101,40 @@ def align(A: torch.Tensor, codes: torch.Tensor, x: torch.Tensor, text: torch.Ten
     dct = du_t * tm / nt[:, None] + ((dv_t * tm).sum(1) / nt**2)[:, None] * tm
     dco = du_o * om / no[:, None] + ((dv_o * om).sum(1) / no**2)[:, None] * om
     dC = (dc_mt / nt)[:, None] * tm + (dc_mo / no)[:, None] * om
-    ds = -(big_c[:, None] * (dct + dco) + (c_t + c_o)[:, None] * dC) / nb  # dL/ds [b, T, r]
-    grad = (ds.flatten(0, 1).T @ x.flatten(0, 1)) * ms
-    return loss.mean(), grad
+    ds[both] = -(big_c[:, None] * (dct + dco) + (c_t + c_o)[:, None] * dC) / nb
+    return loss.mean(), ds
+
+
+def align(A: torch.Tensor, codes: torch.Tensor, x: torch.Tensor, text: torch.Tensor, other: torch.Tensor,
+          eps: float = 1e-8):
+    """MAAC: ``(L_MA, dL_MA/dA)`` for ``A [r,d]``, hidden states ``x [B,T,d]`` and bool masks ``[B,T]``."""
+    ms = (codes == SHARED).to(A.dtype)
+    value, ds = align_features(x @ (A * ms).T, text, other, eps)
+    return value, (ds.flatten(0, 1).T @ x.flatten(0, 1)) * ms
+
+
+def constraint_grads(A: torch.Tensor, codes: torch.Tensor, x: torch.Tensor, text: torch.Tensor,
+                     other: torch.Tensor, l1: float, l2: float):
+    """Both constraints at once, as a layer needs them: ``(L_TS + L_OS, L_MA, l1 dMSDC/dA + l2 dMAAC/dA)``.
+
+    Equal to :func:`decouple` and :func:`align` (tests/test_imod.py), with the three masked blocks stacked so the
+    whole thing is two matmuls of ``3r`` rows: one for the block responses, one for their gradient."""
+    r = A.shape[0]
+    masks = [(codes == c).to(A.dtype) for c in (NON_TEXT, TEXT, SHARED)]  # M_o meets text, M_t meets media
+    xf = x.flatten(0, 1)
+    z = xf @ torch.cat([A * m for m in masks]).T  # [N, 3r]
+    dz = torch.zeros_like(z)
+    v_dec = v_ali = z.new_zeros(())
+    if l1:
+        for i, rows in enumerate((text.flatten(), other.flatten())):
+            n = int(rows.sum())
+            if n:
+                zi = z[:, i * r:(i + 1) * r] * rows[:, None]
+                v_dec = v_dec + (zi * zi).sum() / n
+                dz[:, i * r:(i + 1) * r] = (2.0 * l1 / n) * zi
+    if l2:
+        v_ali, ds = align_features(z[:, 2 * r:].view(*x.shape[:2], r), text, other)
+        dz[:, 2 * r:] = l2 * ds.flatten(0, 1)
+    g = dz.T @ xf  # [3r, d]
+    grad = sum(g[i * r:(i + 1) * r] * m for i, m in enumerate(masks))
+    return v_dec, v_ali, grad

@@ -18,7 +18,7 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from mmbalance_llm.adapters.imod.constraints import align, decouple, layer_shared_ratio, make_partition
+from mmbalance_llm.adapters.imod.constraints import constraint_grads, layer_shared_ratio, make_partition
 
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
@@ -67,15 +67,7 @@ class ImodLinear(LoraLinear):
                 if not (l1 or l2):
                     continue
                 A = self.lora_A[adapter].weight.detach().float()
-                codes = self.lora_imod_partition[adapter]
-                grad = torch.zeros_like(A)
-                v_dec = v_ali = xf.new_zeros(())
-                if l1:
-                    v_dec, g = decouple(A, codes, xf.flatten(0, 1), text.flatten(), other.flatten())
-                    grad += l1 * g
-                if l2:
-                    v_ali, g = align(A, codes, xf, text, other)
-                    grad += l2 * g
+                v_dec, v_ali, grad = constraint_grads(A, self.lora_imod_partition[adapter], xf, text, other, l1, l2)
                 self.imod_pending.append((self.lora_A[adapter].weight, grad, l1 * v_dec + l2 * v_ali,
                                           v_dec, v_ali))
         return result
