@@ -161,7 +161,7 @@ def test_only_A_receives_the_injected_constraint_gradient_exactly(name, data_dir
         if "lora_B" in n:  # nothing reaches B
             assert torch.equal(both[n], task[n]), n
     for mod in layers:  # A: task gradient + l1 G_MSD + l2 G_MA, from the layer's own input
-        A, codes, x = mod.lora_A["default"].weight.detach(), mod.lora_imod_partition["default"], seen[mod]
+        A, codes, x = mod.lora_A["default"].weight.detach(), mod.lora_imod_partition["default"].weight, seen[mod]
         vd, gd = decouple(A, codes, x.flatten(0, 1), mm.text.flatten(), mm.other.flatten())
         va, ga = align(A, codes, x, mm.text, mm.other)
         total += (cfg.decouple_weight * vd + cfg.align_weight * va).item()
@@ -219,9 +219,33 @@ def test_save_reload_equal_logits_and_merge(data_dirs, tmp_path):
     assert torch.equal(logits(loaded, batch), ref)
     parts = {n: b for n, b in pm.named_buffers() if "lora_imod_partition" in n}
     assert len(parts) == 14 and all(torch.equal(b, dict(loaded.named_buffers())[n]) for n, b in parts.items())
+    plain, _ = family("llava", data_dirs)
+    plain.load_adapter(str(tmp_path))  # transformers' adapter loading reaches the same layers and partition
+    assert sum(isinstance(m, ImodLinear) for m in plain.modules()) == 14
+    assert torch.equal(logits(plain.eval(), batch), ref)
     merged = loaded.merge_and_unload()  # the forward is LoRA's: it merges into W0
     assert not any(isinstance(m, ImodLinear) for m in merged.modules())
     assert torch.allclose(logits(merged, batch), ref, atol=1e-5)
+
+
+def test_hotswap_matches_from_pretrained_and_checks_the_constraint_weights(data_dirs, tmp_path):
+    from peft.utils.hotswap import hotswap_adapter
+
+    for name, seed, kw in (("a", 1, {}), ("b", 2, {"partition_seed": 5}), ("c", 3, {"align_weight": 0.5})):
+        model, batch = family("llava", data_dirs)
+        torch.manual_seed(seed)
+        peft.get_peft_model(model, ImodConfig(init_lora_weights=False, **kw)).save_pretrained(tmp_path / name)
+    base, batch = family("llava", data_dirs)
+    want = logits(peft.PeftModel.from_pretrained(base, tmp_path / "b").eval(), batch)
+    base, _ = family("llava", data_dirs)
+    pm = peft.PeftModel.from_pretrained(base, tmp_path / "a").eval()
+    hotswap_adapter(pm, str(tmp_path / "b"), adapter_name="default", torch_device="cpu")
+    assert torch.equal(logits(pm, batch), want)
+    ref = peft.PeftModel.from_pretrained(family("llava", data_dirs)[0], tmp_path / "b")
+    parts = {n: b for n, b in ref.named_buffers() if "lora_imod_partition" in n}
+    assert all(torch.equal(b, dict(pm.named_buffers())[n]) for n, b in parts.items())  # the partition came too
+    with pytest.raises(ValueError, match="align_weight"):
+        hotswap_adapter(pm, str(tmp_path / "c"), adapter_name="default", torch_device="cpu")
 
 
 def test_fresh_adapter_is_the_base_model_and_zero_strength_is_plain_lora(data_dirs):
@@ -312,3 +336,32 @@ def test_shipped_imod_recipes_load_and_switch_to_lora():
         assert cfg.adapter == "imod" and cfg.adapter_config["align_weight"] == 1e-4
         lora = load_recipe(os.path.join(root, name), ["adapter=lora"])
         assert lora.adapter == "lora" and "decouple_weight" not in lora.adapter_config
+
+
+@pytest.mark.slow
+def test_imod_sft_under_two_cpu_processes(tmp_path):
+    """2-process CPU DDP: the constraint term goes through the loss, so DDP averages its gradient like the task's;
+    before training both process counts evaluate the same model."""
+    import yaml
+    from test_sft_loop import launch, sft_recipe
+
+    from mmbalance_llm.train.trainer import Trainer
+
+    def recipe(out, **kw):
+        r = sft_recipe(tmp_path, out, max_steps=2, **kw)
+        r.update(adapter="imod", adapter_config={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0})
+        return r
+
+    one = Trainer(recipe("one")).fit()
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(recipe("two", per_device_train_batch_size=2)))
+    proc = launch(["--config_file", "accelerate_configs/ddp_cpu_2proc.yaml", "-m", "mmbalance_llm", "train",
+                   str(path)], {"ACCELERATE_USE_CPU": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "final_metrics.json").read_text())
+    assert two["world_size"] == 2 and two["adapter"] == "imod"
+    for key, v in one["validation_before_training"].items():
+        assert two["validation_before_training"][key] == pytest.approx(v, abs=1e-6), key
+    rows = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
+    assert all(r["aux_loss"] > 0 for r in rows if r["split"] == "train")
+    assert any("lora_imod_partition" in k for k in _weights(tmp_path / "two" / "best"))

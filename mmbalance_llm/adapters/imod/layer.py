@@ -3,7 +3,9 @@
 The forward output is LoRA's, unchanged (so IMoD merges like LoRA). State per adapter::
 
     lora_A, lora_B           LoRA's weights (same init as LoRA: B = 0, so a fresh adapter is the identity)
-    lora_imod_partition      uint8 [r, d_in] element codes 0 text / 1 non-text / 2 shared (a saved buffer)
+    lora_imod_partition      uint8 [r, d_in] element codes 0 text / 1 non-text / 2 shared: a saved buffer named
+                             ``weight`` in a small module, so its key follows peft's ``lora_*.<adapter>.weight``
+                             convention (hotswap, state-dict remapping)
 
 While the tuner's mask context is collecting (a training forward with labels), each call also computes the
 constraints' values and their gradient w.r.t. ``A`` under ``no_grad`` (closed form, constraints.py) and leaves
@@ -15,12 +17,20 @@ import re
 from typing import Any
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import nn
 
 from mmbalance_llm.adapters.imod.constraints import constraint_grads, layer_shared_ratio, make_partition
 
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+
+class ImodPartition(nn.Module):
+    """Holds one adapter's element codes as the (integer, never trained) buffer ``weight``."""
+
+    def __init__(self, codes: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", codes)
 
 
 class ImodLinear(LoraLinear):
@@ -30,7 +40,7 @@ class ImodLinear(LoraLinear):
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
         if not hasattr(self, "lora_imod_partition"):  # first adapter: create the containers
-            self.lora_imod_partition = BufferDict({}, persistent=True)
+            self.lora_imod_partition = nn.ModuleDict()
             self.imod_weights = {}
             self.imod_pending = []
             self._imod_ctx = None
@@ -44,7 +54,7 @@ class ImodLinear(LoraLinear):
         shared = layer_shared_ratio(config.shared_ratio, config.shared_ratio_growth, layer, config.num_layers or 1)
         codes = make_partition(self.r[adapter_name], self.in_features, shared, config.text_ratio,
                                config.partition_seed, key)
-        self.lora_imod_partition[adapter_name] = codes.to(self.lora_A[adapter_name].weight.device)
+        self.lora_imod_partition[adapter_name] = ImodPartition(codes.to(self.lora_A[adapter_name].weight.device))
 
     def set_mask_context(self, ctx) -> None:
         self._imod_ctx = ctx
@@ -67,7 +77,7 @@ class ImodLinear(LoraLinear):
                 if not (l1 or l2):
                     continue
                 A = self.lora_A[adapter].weight.detach().float()
-                v_dec, v_ali, grad = constraint_grads(A, self.lora_imod_partition[adapter], xf, text, other, l1, l2)
+                v_dec, v_ali, grad = constraint_grads(A, self.lora_imod_partition[adapter].weight, xf, text, other, l1, l2)
                 self.imod_pending.append((self.lora_A[adapter].weight, grad, l1 * v_dec + l2 * v_ali,
                                           v_dec, v_ali))
         return result
