@@ -77,7 +77,8 @@ class ImodLinear(LoraLinear):
                 if not (l1 or l2):
                     continue
                 A = self.lora_A[adapter].weight.detach().float()
-                v_dec, v_ali, grad = constraint_grads(A, self.lora_imod_partition[adapter].weight, xf, text, other, l1, l2)
+                codes = self.lora_imod_partition[adapter].weight
+                v_dec, v_ali, grad = constraint_grads(A, codes, xf, text, other, l1, l2)
                 self.imod_pending.append((self.lora_A[adapter].weight, grad, l1 * v_dec + l2 * v_ali,
                                           v_dec, v_ali))
         return result

@@ -132,6 +132,9 @@ class ImodModel(LoraModel):
             m.imod_pending.clear()
         if not pending:
             return output
+        if not hasattr(output, "loss"):
+            raise ValueError("IMoD needs the model's outputs as a ModelOutput (return_dict=True) to hand over its "
+                             "constraint term; got a tuple")
         ghost = sum((w * g.to(w.dtype)).sum() for w, g, *_ in pending)
         value = sum(v.to(ghost.device) for _w, _g, v, *_ in pending).detach()
         term = ghost - ghost.detach() + value.to(ghost.dtype)
