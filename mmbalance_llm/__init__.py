@@ -23,6 +23,8 @@ _LAZY = {
 # MokA (issue 6): public names, and registration with peft on the first `import peft` (no eager torch import).
 _LAZY.update({"MokaConfig": "mmbalance_llm.adapters.moka", "MokaModel": "mmbalance_llm.adapters.moka",
               "load_moka": "mmbalance_llm.adapters.moka"})
+_LAZY.update({"ImodConfig": "mmbalance_llm.adapters.imod", "ImodModel": "mmbalance_llm.adapters.imod",
+              "load_imod": "mmbalance_llm.adapters.imod"})
 from mmbalance_llm.adapters import install_peft_registration as _install_peft_registration  # noqa: E402
 
 _install_peft_registration()

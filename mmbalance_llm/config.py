@@ -261,8 +261,8 @@ class Recipe:
     balance: dict = field(default_factory=lambda: {"method": "none"})
     output_dir: str = "runs/run"
     task: str = "classify"
-    adapter: Optional[str] = None            # sft: moka | lora | none
-    adapter_config: Optional[dict] = None    # sft: MokaConfig / LoraConfig fields
+    adapter: Optional[str] = None            # sft: moka | imod | lora | none
+    adapter_config: Optional[dict] = None    # sft: MokaConfig / ImodConfig / LoraConfig fields
     eval: Optional[SFTEvalConfig] = None     # sft
 
     def to_dict(self) -> dict:
@@ -281,8 +281,10 @@ TOP_KEYS = {
     "classify": ("task", "model", "data", "train", "balance", "output_dir"),
     "sft": ("task", "model", "data", "train", "eval", "adapter", "adapter_config", "balance", "output_dir"),
 }
-ADAPTERS = ("moka", "lora", "none")
+ADAPTERS = ("moka", "imod", "lora", "none")
 MOKA_ONLY_FIELDS = ("modalities", "cross_attention_weight", "question_after_media")
+IMOD_ONLY_FIELDS = ("decouple_weight", "align_weight", "shared_ratio", "shared_ratio_growth", "text_ratio",
+                    "partition_seed", "num_layers", "add_to_model_loss")  # = adapters.imod.IMOD_ONLY_FIELDS
 
 
 def _closest(key: str, valid) -> str:
@@ -532,24 +534,33 @@ def _check_sft(recipe: Recipe, raw: dict) -> None:
             raise RecipeError(f"recipe key 'data.generate.test_prior' must be one of {', '.join(TEST_PRIORS)}, "
                               f"got {d.generate['test_prior']!r}")
     if recipe.adapter != "none":
-        adapter_config_class(recipe)  # field names checked now, not after the model is loaded
+        cls = adapter_config_class(recipe)  # field names checked now, not after the model is loaded
+        if recipe.adapter == "imod":  # and IMoD's values too (the config needs no model), before anything is written
+            try:
+                cls(**recipe.adapter_config)
+            except (TypeError, ValueError) as exc:
+                raise RecipeError(f"adapter_config: {str(exc).splitlines()[0]}") from None
 
 
 def adapter_config_class(recipe: Recipe):
-    """MokaConfig or peft.LoraConfig for the recipe's adapter; unknown adapter_config fields are errors.
-    MokA-only fields are dropped for LoRA, so one recipe switches with `adapter=lora`."""
+    """MokaConfig, ImodConfig or peft.LoraConfig for the recipe's adapter; unknown adapter_config fields are
+    errors. MokA-only (IMoD-only) fields are dropped for the other adapters, so one recipe switches with
+    `adapter=lora`."""
     import peft
 
+    from mmbalance_llm.adapters.imod import ImodConfig
     from mmbalance_llm.adapters.moka import MokaConfig
 
-    cls = MokaConfig if recipe.adapter == "moka" else peft.LoraConfig
+    cls = {"moka": MokaConfig, "imod": ImodConfig}.get(recipe.adapter, peft.LoraConfig)
     fields = {f.name for f in dataclasses.fields(cls)}
-    if cls is not MokaConfig:
-        dropped = sorted(set(recipe.adapter_config) & set(MOKA_ONLY_FIELDS))
+    for owner, label, only in ((MokaConfig, "MokA", MOKA_ONLY_FIELDS), (ImodConfig, "IMoD", IMOD_ONLY_FIELDS)):
+        if cls is owner:
+            continue
+        dropped = sorted(set(recipe.adapter_config) & set(only))
         if dropped:
-            print(f"[mmbalance] adapter={recipe.adapter}: ignoring MokA-only adapter_config keys {dropped}",
+            print(f"[mmbalance] adapter={recipe.adapter}: ignoring {label}-only adapter_config keys {dropped}",
                   file=sys.stderr)
-            recipe.adapter_config = {k: v for k, v in recipe.adapter_config.items() if k not in MOKA_ONLY_FIELDS}
+            recipe.adapter_config = {k: v for k, v in recipe.adapter_config.items() if k not in only}
     for k in recipe.adapter_config:
         if k not in fields:
             raise RecipeError(f"unknown recipe key 'adapter_config.{k}' for {cls.__name__}{_closest(k, fields)}")
@@ -598,8 +609,9 @@ def describe_task(task: str) -> str:
                 if "choices" in f.metadata else ""
             lines.append(f"  {name}.{f.name} = {default!r}: {f.metadata.get('help', '')}{extra}")
     if task == "sft":
-        lines += ["\nadapter = 'moka': moka | lora | none (full fine-tuning)",
-                  "adapter_config = {}: MokaConfig / peft.LoraConfig fields (targets default to the LLM's projections)"]
+        lines += ["\nadapter = 'moka': moka | imod | lora | none (full fine-tuning)",
+                  "adapter_config = {}: MokaConfig / ImodConfig / peft.LoraConfig fields (targets default to the "
+                  "LLM's projections)"]
     lines += ["balance.method = 'none': a balancing method (`mmbalance methods`) and its hyperparameters",
               "output_dir = 'runs/run': where the run writes",
               "\nAliases accepted: " + ", ".join(f"{s}.{o} -> {ns}.{n}" for (s, o), (ns, n) in ALIASES.items())]

@@ -103,7 +103,7 @@ RECIPE = [
 ]
 
 SFT_CASES = [
-    ("sft-adapter", ["adapter=dora"], "recipe key 'adapter' is 'dora'; choose one of moka, lora, none"),
+    ("sft-adapter", ["adapter=dora"], "recipe key 'adapter' is 'dora'; choose one of moka, imod, lora, none"),
     ("sft-adapter-field", ["adapter_config.lora_alph=4"], "adapter_config.lora_alph' for MokaConfig"),
     ("sft-model-missing", ["model.name_or_path=./no/such/model", "model.build_tiny=null"], "is not a folder"),
     ("sft-model-null", ["model.name_or_path=null"], "'model.name_or_path' is required"),

@@ -95,7 +95,7 @@ def test_recipe_errors_are_clear(tmp_path):
         load_sft_recipe(base, ["train.lrr=1e-3"])
     with pytest.raises(RecipeError, match=r"unknown recipe key 'modle' \(did you mean 'model'\?\)"):
         load_sft_recipe({**base, "modle": {}})
-    with pytest.raises(RecipeError, match="recipe key 'adapter' is 'dora'; choose one of moka, lora, none"):
+    with pytest.raises(RecipeError, match="recipe key 'adapter' is 'dora'; choose one of moka, imod, lora, none"):
         load_sft_recipe(base, ["adapter=dora"])
     with pytest.raises(RecipeError, match="not of the form dotted.key=value"):
         load_sft_recipe(base, ["train.lr"])

@@ -1,4 +1,4 @@
-"""Adapters: MokA as a peft method (``mmbalance_llm.adapters.moka``).
+"""Adapters: MokA and IMoD as peft methods (``mmbalance_llm.adapters.moka``, ``mmbalance_llm.adapters.imod``).
 
 ``import mmbalance_llm`` must make ``PeftModel.from_pretrained`` understand "MOKA" without importing torch
 eagerly. :func:`install_peft_registration` does that: if peft is already imported MokA registers now, else a
@@ -14,6 +14,7 @@ import sys
 
 def _register() -> None:
     import mmbalance_llm.adapters.moka  # noqa: F401  (registers on import)
+    import mmbalance_llm.adapters.imod  # noqa: F401
 
 
 class _PeftPostImportFinder(importlib.abc.MetaPathFinder):

@@ -1,8 +1,8 @@
 """Task `sft`: supervised fine-tuning of HF multimodal LLMs (LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen2-Audio) with
-MokA, LoRA or full fine-tuning, through the same loop, checkpoints and balancer hooks as the classifiers.
+MokA, IMoD, LoRA or full fine-tuning, through the same loop, checkpoints and balancer hooks as the classifiers.
 
 * The model is loaded with its modality map (`model.name_or_path`: a local folder, or a hub id passed to
-  `from_pretrained` unchanged), wrapped with `adapter: moka | lora | none` (peft), and frozen / unfrozen as
+  `from_pretrained` unchanged), wrapped with `adapter: moka | imod | lora | none` (peft), and frozen / unfrozen as
   `model.freeze` says (unfrozen tower / projector of an adapter run are peft `modules_to_save`).
 * Training labels only assistant tokens (data/chat.py); every split is preprocessed once and cached
   (tasks/sft_data.py).
@@ -182,6 +182,11 @@ class SFTTask(Task):
 
     def loss(self, batch, outputs):
         return outputs.loss, {}
+
+    def extra_loss(self, outputs):
+        """IMoD's constraint term (value: the weighted constraints; gradient: only their injected gradient on
+        each layer's A), under every balancing method; None for the other adapters."""
+        return getattr(outputs, "imod_loss", None)
 
     # -- evaluation and saving ---------------------------------------------------------------------
     def evaluate(self, model, split: str) -> dict:
