@@ -1,5 +1,5 @@
 """MLLM balancing on text-dominant data: tiny LLaVA (image) and tiny Qwen2-Audio (audio) twins, plain LoRA, plain
-MokA and every MLLM balancing method, 3 seeds.
+MokA, IMoD and every MLLM balancing method, 3 seeds.
 
 The data is the generated instruction set with a text prior (`data.generate.text_prior`, default 0.8): in training
 and validation, 80% of the media questions take their kind's prior answer, so the question text alone scores most
@@ -11,7 +11,7 @@ split, read once, at the checkpoint validation chose; mean ± std over seeds, ea
 * **MM gain**: the multimodal gain of the validation diagnostics at the chosen checkpoint (accuracy with the
   medium minus with it dropped, on `eval.diagnostics_max_samples` items); **media grad share**: the share of the
   adapter's A-gradient from the medium's token positions (the same diagnostics);
-* **step**: the run's mean optimizer-step time over the plain run of the same adapter and seed (runs go
+* **step**: the run's mean optimizer-step time over the plain run of the same adapter (IMoD: LoRA) and seed (runs go
   `--jobs` at a time on a shared machine, so this column is indicative; `benchmarks/mllm_balance_cost.py` is the
   interleaved measurement).
 
@@ -45,9 +45,9 @@ METHODS = {
     "lora + mllm_ogm": ("lora", {"method": "mllm_ogm", "alpha": 0.8}, {}),
     "moka + rollingq": ("moka", {"method": "rollingq", "r_time": 1}, {}),
     "moka + commit": ("moka", {"method": "commit"}, {"model": {"freeze": {"projector": False}}}),
-    "lora + commit": ("lora", {"method": "commit"}, {"model": {"freeze": {"projector": False}}}),
+    "imod": ("imod", {"method": "none"}, {}),
 }
-PLAIN = {"lora": "lora", "moka": "moka"}
+PLAIN = {"lora": "lora", "moka": "moka", "imod": "lora"}
 
 
 def recipe(work: str, family: str, name: str, seed: int, prior: float, epochs: int) -> dict:
