@@ -43,6 +43,8 @@ METHODS = {
     "moka + mllm_contrast": ("moka", {"method": "mllm_contrast", "weight": 0.1}, {}),
     "moka + mllm_ogm": ("moka", {"method": "mllm_ogm", "alpha": 0.8}, {}),
     "lora + mllm_ogm": ("lora", {"method": "mllm_ogm", "alpha": 0.8}, {}),
+    "moka + mllm_contrast every 4": ("moka", {"method": "mllm_contrast", "weight": 0.1, "every_n_steps": 4}, {}),
+    "moka + mllm_ogm every 4": ("moka", {"method": "mllm_ogm", "alpha": 0.8, "every_n_steps": 4}, {}),
     "moka + rollingq": ("moka", {"method": "rollingq", "r_time": 1}, {}),
     "moka + commit": ("moka", {"method": "commit"}, {"model": {"freeze": {"projector": False}}}),
     "imod": ("imod", {"method": "none"}, {}),
@@ -55,7 +57,7 @@ def recipe(work: str, family: str, name: str, seed: int, prior: float, epochs: i
     medium = MEDIUM[family]
     data = os.path.join(work, "data", f"{family}_prior{prior}_seed{seed}")
     raw = {
-        "task": "sft", "output_dir": os.path.join(work, "runs", family, name.replace(" + ", "+"), f"seed{seed}"),
+        "task": "sft", "output_dir": os.path.join(work, "runs", family, name.replace(" + ", "+").replace(" ", "_"), f"seed{seed}"),
         "adapter": adapter, "adapter_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
         "model": {"name_or_path": os.path.join(work, f"tiny_{family}_seed{seed}"), "build_tiny": family},
         "data": {"train": os.path.join(data, "train.json"), "validation": os.path.join(data, "validation.json"),
