@@ -219,6 +219,24 @@ class TrainConfig:
         "(measured fastest for the tiny quick-start models, and it does not collapse when other jobs share "
         "the CPUs; docs/speed.md). Set it higher for large models on an otherwise idle CPU.",
         default=None, min=1)
+    report_to: Optional[Any] = _help(
+        "Experiment trackers (transformers.TrainingArguments.report_to): a name or a list of names from "
+        "tensorboard (events in <output_dir>/tensorboard), wandb, mlflow, comet_ml, clearml, dvclive, aim, swanlab, "
+        "trackio; 'all' (every installed one) or 'none'. Through Accelerate's trackers; metrics.jsonl is always "
+        "written.", default="tensorboard",
+        choices=("tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "dvclive", "aim", "swanlab", "trackio",
+                 "all", "none"))
+    eval_strategy: str = _help(
+        "When to evaluate on validation (and keep the best model): 'epoch' (every train.eval_every_epochs), "
+        "'steps' (every train.eval_steps optimizer steps, and when training ends) or 'no' (once, when training "
+        "ends).", default="epoch", choices=("epoch", "steps", "no"))
+    eval_steps: Optional[int] = _help(
+        "For eval_strategy='steps': evaluate every this many optimizer steps (unset: train.logging_steps).",
+        default=None, min=1)
+    save_strategy: str = _help(
+        "Checkpoints: 'epoch' (at every epoch end, plus every train.save_steps when set), 'steps' (every "
+        "train.save_steps only) or 'no' (none, except the one train.stop_after_steps leaves to resume from).",
+        default="epoch", choices=("epoch", "steps", "no"))
 
 
 # Defaults that differ by task (the SFT ones follow common LoRA fine-tuning practice).
@@ -379,9 +397,12 @@ def check_value(where: str, value, f: dataclasses.Field):
         raise RecipeError(f"recipe key '{where}' must be a mapping, got {type(value).__name__}")
     if kind == "list" and not isinstance(value, list):
         raise RecipeError(f"recipe key '{where}' must be a list, got {type(value).__name__}")
-    if "choices" in meta and value not in meta["choices"]:
+    # a field of any type (e.g. train.report_to) may hold one choice or a list of them
+    items = value if kind == "any" and isinstance(value, list) else [value]
+    bad = [v for v in items if "choices" in meta and v not in meta["choices"]]
+    if bad:
         shown = ", ".join(str(c) for c in meta["choices"] if c is not None)
-        raise RecipeError(f"recipe key '{where}' is {value!r}; choose one of {shown}")
+        raise RecipeError(f"recipe key '{where}' is {bad[0]!r}; choose one of {shown}")
     if "min" in meta and isinstance(value, (int, float)):
         low = meta["min"]
         if value < low or (meta.get("min_exclusive") and value == low):
