@@ -76,6 +76,9 @@ class ModelConfig:
     )
     num_classes: Optional[int] = _help("Number of classes; inferred from the training labels if unset.", default=None,
                                        min=2)
+    gradient_checkpointing: bool = _help(
+        "Recompute the blocks of every Hugging Face encoder (encoder: hf) in backward: less activation memory, "
+        "one more forward per step, the same gradients.", default=False)
 
 
 @dataclass
@@ -391,6 +394,8 @@ def check_value(where: str, value, f: dataclasses.Field):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise RecipeError(f"recipe key '{where}' must be a number (finite), got {value!r}")
         value = float(value)
+    if kind == "str" and value is False and "no" in meta.get("choices", ()):
+        value = "no"  # YAML 1.1 reads a bare `no` as false (eval_strategy: no, mixed_precision: no)
     if kind == "str" and not isinstance(value, str):
         raise RecipeError(f"recipe key '{where}' must be a string, got {value!r}")
     if kind == "dict" and not isinstance(value, dict):

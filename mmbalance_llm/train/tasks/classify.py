@@ -22,9 +22,16 @@ class ClassifyTask(Task):
         self.notes = list(self.data.notes)
 
     def build_model(self, balancer, model=None):
-        if model is not None:
-            return model
-        return balancer.build_model(self.recipe.model, self.modalities, self.data.input_shapes, self.num_classes)
+        if model is None:
+            model = balancer.build_model(self.recipe.model, self.modalities, self.data.input_shapes, self.num_classes)
+        if self.recipe.model.gradient_checkpointing:
+            from mmbalance_llm.config import RecipeError
+            from mmbalance_llm.models.media_encoders import enable_gradient_checkpointing
+
+            if not enable_gradient_checkpointing(model):
+                raise RecipeError("recipe key 'model.gradient_checkpointing' is true but the model has no Hugging Face "
+                                  "encoder that supports it (encoder: hf)")
+        return model
 
     def metric_names(self) -> list:
         return list(METRICS)
