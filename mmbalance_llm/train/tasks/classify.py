@@ -13,10 +13,13 @@ class ClassifyTask(Task):
     name = "classify"
 
     def load_data(self, datasets=None) -> None:
-        from mmbalance_llm.data.features import load_feature_data
+        from mmbalance_llm.data.features import LoadedData, load_feature_data
 
         r = self.recipe
-        self.data = load_feature_data(r.data, r.model.num_classes, seed=r.train.seed, datasets=datasets)
+        if isinstance(datasets, LoadedData):  # read and validated already (mmbalance compare shares one read)
+            self.data = datasets
+        else:
+            self.data = load_feature_data(r.data, r.model.num_classes, seed=r.train.seed, datasets=datasets)
         self.modalities, self.num_classes = self.data.modalities, self.data.num_classes
         self.train_dataset = self.data.train
         self.notes = list(self.data.notes)
