@@ -29,7 +29,8 @@ from mmbalance_llm.train.tasks import make_task
 class Trainer:
     """`Trainer(recipe, model=None, datasets=None).fit()`. `recipe`: a Recipe, a recipe dict or a YAML
     path; `model`: a model to train instead of the one the recipe builds; `datasets`: a
-    `datasets.DatasetDict` (classify) or {split: list of chat records} (sft) instead of the recipe's files;
+    `datasets.DatasetDict` (classify; or the `LoadedData` of `load_feature_data`, read already) or {split: list
+    of chat records} (sft) instead of the recipe's files;
     `trackers`: Accelerate `GeneralTracker` objects to log to besides those of `train.report_to`."""
 
     def __init__(self, recipe, model=None, datasets=None, overrides: list | None = None, trackers=None):
