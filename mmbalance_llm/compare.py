@@ -18,10 +18,15 @@ Shapley imbalance, the probe imbalance, the chosen epoch with whether the method
 
 Outputs: `compare.json`, `compare.md`, `curves.png` (per-modality validation curves, first seed) and
 `pareto.png` (fused accuracy against imbalance).
+
+Each feature dataset is read and validated once per process (`shared_data`): the runs of every method
+and seed, and the single-modality runs (a subset of the columns), share the loaded tensors. With
+`--jobs N` that is once per worker.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import statistics
@@ -183,6 +188,46 @@ def same_as_baseline(results: dict, baseline: str = "none") -> list:
     return notes
 
 
+_LOADED: dict = {}  # this process's feature datasets: data key -> LoadedData (shared_data)
+
+
+def _data_key(recipe, seed=None) -> str:
+    data = dataclasses.asdict(recipe.data)
+    data.pop("modalities")
+    data["path"] = os.path.abspath(data["path"])
+    return json.dumps([data, recipe.model.num_classes, seed], sort_keys=True, default=str)
+
+
+def shared_data(recipe):
+    """The run's feature splits from this process's cache, read and validated once per data folder and
+    settings (what `load_feature_data` returns, with only `data.modalities` of the columns); None when the
+    run must load its own (raw media, datasets given from Python, or modalities the cached read lacks).
+    The tensors are shared, never copied: the loop and the methods only index them."""
+    from mmbalance_llm.data.features import FeatureDataset, LoadedData, data_warnings, load_feature_data
+
+    d = recipe.data
+    if recipe.task != "classify" or d.path is None or d.media or not os.path.exists(d.path):
+        return None
+    loaded = _LOADED.get(_data_key(recipe)) or _LOADED.get(_data_key(recipe, recipe.train.seed))
+    if loaded is None:
+        loaded = load_feature_data(d, recipe.model.num_classes, seed=recipe.train.seed)
+        carved = any(n.startswith(f"no '{d.validation_split}' split") for n in loaded.notes)  # depends on the seed
+        _LOADED[_data_key(recipe, recipe.train.seed if carved else None)] = loaded
+    wanted = list(d.modalities or loaded.modalities)
+    if wanted == loaded.modalities:
+        return loaded
+    if not set(wanted) <= set(loaded.modalities):
+        return None
+
+    def part(ds):
+        return None if ds is None else FeatureDataset({m: ds.tensors[m] for m in wanted}, ds.labels, ds.split)
+
+    train = part(loaded.train)
+    notes = [n for n in loaded.notes if not n.startswith("warning:")] + data_warnings(train)
+    return LoadedData(train, part(loaded.validation), part(loaded.test), wanted, loaded.num_classes,
+                      {m: loaded.input_shapes[m] for m in wanted}, notes)
+
+
 def _worker_setup(threads: int) -> None:
     import torch
 
@@ -199,7 +244,8 @@ def train_job(raw: dict) -> tuple:
     raw = json.loads(json.dumps(raw))
     raw.setdefault("train", {})["progress"] = False
     try:
-        trainer = Trainer(recipe_from_dict(raw))
+        recipe = recipe_from_dict(raw)
+        trainer = Trainer(recipe, datasets=shared_data(recipe))
         final = trainer.fit()
     except Exception as exc:  # the pool would re-raise it without saying which run
         raise RuntimeError(f"run '{raw.get('output_dir')}' failed: {type(exc).__name__}: {exc}") from None
@@ -213,6 +259,7 @@ def run_compare(output_dir: str, methods=DEFAULT_METHODS, seeds=(0,), recipe_pat
     from mmbalance_llm.data.synthetic import ensure_preset
     from mmbalance_llm.train.setup import check_launch, process_state
 
+    _LOADED.clear()  # one compare's reads: a data folder rewritten since an earlier compare is read again
     state = process_state()  # joins the launcher's process group when run under `accelerate launch`
     check_launch(state)
     if jobs > 1 and state.num_processes > 1:
@@ -263,7 +310,8 @@ def run_compare(output_dir: str, methods=DEFAULT_METHODS, seeds=(0,), recipe_pat
         from mmbalance_llm.train.trainer import Trainer
 
         name, seed, raw = job
-        trainer = Trainer(recipe_from_dict(raw))
+        recipe = recipe_from_dict(raw)
+        trainer = Trainer(recipe, datasets=shared_data(recipe))
         final = trainer.fit()
         return finish(name, seed, raw, final, trainer.timing)
 
@@ -319,5 +367,6 @@ def run_compare(output_dir: str, methods=DEFAULT_METHODS, seeds=(0,), recipe_pat
         echo("\n" + table)
         echo(f"[compare] wrote {output_dir}/compare.md, compare.json, curves.png, pareto.png")
     state.wait_for_everyone()
+    _LOADED.clear()
     summary["results"] = results
     return summary

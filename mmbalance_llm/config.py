@@ -76,6 +76,9 @@ class ModelConfig:
     )
     num_classes: Optional[int] = _help("Number of classes; inferred from the training labels if unset.", default=None,
                                        min=2)
+    gradient_checkpointing: bool = _help(
+        "Recompute the blocks of every Hugging Face encoder (encoder: hf) in backward: less activation memory, "
+        "one more forward per step, the same gradients.", default=False)
 
 
 @dataclass
@@ -220,6 +223,24 @@ class TrainConfig:
         "(measured fastest for the tiny quick-start models, and it does not collapse when other jobs share "
         "the CPUs; docs/speed.md). Set it higher for large models on an otherwise idle CPU.",
         default=None, min=1)
+    report_to: Optional[Any] = _help(
+        "Experiment trackers (transformers.TrainingArguments.report_to): a name or a list of names from "
+        "tensorboard (events in <output_dir>/tensorboard), wandb, mlflow, comet_ml, clearml, dvclive, aim, swanlab, "
+        "trackio; 'all' (every installed one) or 'none'. Through Accelerate's trackers; metrics.jsonl is always "
+        "written.", default="tensorboard",
+        choices=("tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "dvclive", "aim", "swanlab", "trackio",
+                 "all", "none"))
+    eval_strategy: str = _help(
+        "When to evaluate on validation (and keep the best model): 'epoch' (every train.eval_every_epochs), "
+        "'steps' (every train.eval_steps optimizer steps, and when training ends) or 'no' (once, when training "
+        "ends).", default="epoch", choices=("epoch", "steps", "no"))
+    eval_steps: Optional[int] = _help(
+        "For eval_strategy='steps': evaluate every this many optimizer steps (unset: train.logging_steps).",
+        default=None, min=1)
+    save_strategy: str = _help(
+        "Checkpoints: 'epoch' (at every epoch end, plus every train.save_steps when set), 'steps' (every "
+        "train.save_steps only) or 'no' (none, except the one train.stop_after_steps leaves to resume from).",
+        default="epoch", choices=("epoch", "steps", "no"))
 
 
 # Defaults that differ by task (the SFT ones follow common LoRA fine-tuning practice).
@@ -376,15 +397,20 @@ def check_value(where: str, value, f: dataclasses.Field):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise RecipeError(f"recipe key '{where}' must be a number (finite), got {value!r}")
         value = float(value)
+    if kind == "str" and value is False and "no" in meta.get("choices", ()):
+        value = "no"  # YAML 1.1 reads a bare `no` as false (eval_strategy: no, mixed_precision: no)
     if kind == "str" and not isinstance(value, str):
         raise RecipeError(f"recipe key '{where}' must be a string, got {value!r}")
     if kind == "dict" and not isinstance(value, dict):
         raise RecipeError(f"recipe key '{where}' must be a mapping, got {type(value).__name__}")
     if kind == "list" and not isinstance(value, list):
         raise RecipeError(f"recipe key '{where}' must be a list, got {type(value).__name__}")
-    if "choices" in meta and value not in meta["choices"]:
+    # a field of any type (e.g. train.report_to) may hold one choice or a list of them
+    items = value if kind == "any" and isinstance(value, list) else [value]
+    bad = [v for v in items if "choices" in meta and v not in meta["choices"]]
+    if bad:
         shown = ", ".join(str(c) for c in meta["choices"] if c is not None)
-        raise RecipeError(f"recipe key '{where}' is {value!r}; choose one of {shown}")
+        raise RecipeError(f"recipe key '{where}' is {bad[0]!r}; choose one of {shown}")
     if "min" in meta and isinstance(value, (int, float)):
         low = meta["min"]
         if value < low or (meta.get("min_exclusive") and value == low):

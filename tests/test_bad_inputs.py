@@ -1,6 +1,7 @@
 """The bad-input catalogue: every input a user can get wrong is refused with exit 2 and one line
 (`mmbalance: error: ...`) naming the field, file or row, before anything is written — an earlier good run
 in the same output_dir stays byte-identical (sha256 of every file)."""
+import importlib.util
 import json
 import os
 
@@ -48,6 +49,14 @@ RECIPE = [
     ("logging-0", ["train.log_every_steps=0"], "'train.log_every_steps' must be >= 1"),
     ("progress-int", ["train.progress=3"], "'train.progress' must be true or false"),
     ("threads-0", ["train.num_threads=0"], "'train.num_threads' must be >= 1"),
+    ("eval-steps-0", ["train.eval_steps=0"], "'train.eval_steps' must be >= 1"),
+    ("eval-strategy", ["train.eval_strategy=bogus"], "'train.eval_strategy' is 'bogus'; choose one of epoch, steps, no"),
+    ("save-strategy", ["train.save_strategy=always"], "'train.save_strategy' is 'always'"),
+    ("save-strategy-steps", ["train.save_strategy=steps"], "'train.save_strategy' is 'steps' but train.save_steps"),
+    ("patience-no-eval", ["train.eval_strategy=no", "train.early_stopping_patience=2"], "needs evaluations"),
+    ("report-to", ["train.report_to=tensorbord"], "'train.report_to' is 'tensorbord'; choose one of tensorboard"),
+    ("report-to-list", ["train.report_to=[tensorboard, neptun]"], "'train.report_to' is 'neptun'"),
+    ("report-to-none-mixed", ["train.report_to=[none, tensorboard]"], "'none' cannot be combined"),
     ("workers-neg", ["train.num_workers=-1"], "'train.num_workers' must be >= 0"),
     ("seed-neg", ["train.seed=-1"], "'train.seed' must be >= 0"),
     ("seed-null", ["train.seed=null"], "'train.seed' must be set"),
@@ -101,6 +110,13 @@ RECIPE = [
     ("override-bad-yaml", ["train.lr=[1"], "override 'train.lr=[1': value is not valid YAML"),
     ("override-into-value", ["output_dir.x=1"], "override 'output_dir.x=1': 'output_dir' is not a section"),
 ]
+
+# a tracker whose package is not installed here (refused before the output folder is touched)
+_MISSING = next((n for n in ("comet_ml", "aim", "swanlab", "wandb", "mlflow") if importlib.util.find_spec(n) is None),
+                None)
+if _MISSING:
+    RECIPE.append(("report-to-missing", [f"train.report_to=[tensorboard, {_MISSING}]"],
+                   f"train.report_to '{_MISSING}': the package {_MISSING} is not installed"))
 
 SFT_CASES = [
     ("sft-adapter", ["adapter=dora"], "recipe key 'adapter' is 'dora'; choose one of moka, imod, lora, none"),

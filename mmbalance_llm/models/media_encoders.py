@@ -258,3 +258,45 @@ def build_media_encoder(kind: str, in_shape, settings: dict) -> nn.Module:
                                settings.get("train_layers"), bool(settings.get("freeze")))
     return HFMediaEncoder(in_shape, settings["feature_dim"], settings["name_or_path"], settings.get("pooling") or "cls",
                           settings.get("train_layers"), bool(settings.get("freeze")), settings.get("branch"))
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> list:
+    """Recompute the Transformer blocks of every Hugging Face backbone inside `model` in backward (recipe
+    `model.gradient_checkpointing`, the classify twin of the sft key): less activation memory, one more
+    forward per step, the same gradients. Non-reentrant torch checkpointing, as transformers' Trainer
+    uses. Returns the names of the backbones it was enabled on (ResNet has no checkpointing: skipped).
+
+    A dual encoder's tower (CLIP's `vision_model`) is not a PreTrainedModel of its own; its blocks carry
+    transformers' `gradient_checkpointing` flag, which is set the way `PreTrainedModel` sets it."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+    from transformers import PreTrainedModel
+
+    enabled, covered = [], set()
+    kwargs = {"use_reentrant": False}
+    for name, module in model.named_modules():
+        if any(name.startswith(c + ".") for c in covered):
+            continue
+        if isinstance(module, PreTrainedModel) and module is not model:
+            if not module.supports_gradient_checkpointing:
+                continue
+            if getattr(module.config, "use_cache", False):
+                module.config.use_cache = False  # an encoder keeps no cache; transformers warns about it otherwise
+            if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        elif isinstance(module, HFMediaEncoder) and not isinstance(module.backbone, PreTrainedModel):
+            flagged = [m for m in module.backbone.modules() if hasattr(m, "gradient_checkpointing")]
+            if not flagged:
+                continue
+            for m in flagged:
+                m._gradient_checkpointing_func = functools.partial(checkpoint, **kwargs)
+                m.gradient_checkpointing = True
+            name = f"{name}.backbone" if name else "backbone"
+        else:
+            continue
+        enabled.append(name)
+        covered.add(name)
+    return enabled

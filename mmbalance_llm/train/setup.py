@@ -20,9 +20,10 @@ def launched_world_size() -> int:
     return 1
 
 
-def make_accelerator(train_cfg, find_unused_parameters: bool = False):
+def make_accelerator(train_cfg, find_unused_parameters: bool = False, log_with=None, logging_dir=None):
+    """`log_with` / `logging_dir`: Accelerate's experiment trackers (train/logger.py `log_with`)."""
     from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
     if not torch.cuda.is_available() and launched_world_size() > 1:
@@ -32,6 +33,8 @@ def make_accelerator(train_cfg, find_unused_parameters: bool = False):
         mixed_precision=train_cfg.mixed_precision,
         kwargs_handlers=handlers,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=log_with or None,
+        project_config=ProjectConfiguration(project_dir=logging_dir, logging_dir=logging_dir) if log_with else None,
     )
     check_launch(accelerator)
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type.name != "FSDP":

@@ -29,9 +29,11 @@ from mmbalance_llm.train.tasks import make_task
 class Trainer:
     """`Trainer(recipe, model=None, datasets=None).fit()`. `recipe`: a Recipe, a recipe dict or a YAML
     path; `model`: a model to train instead of the one the recipe builds; `datasets`: a
-    `datasets.DatasetDict` (classify) or {split: list of chat records} (sft) instead of the recipe's files."""
+    `datasets.DatasetDict` (classify; or the `LoadedData` of `load_feature_data`, read already) or {split: list
+    of chat records} (sft) instead of the recipe's files;
+    `trackers`: Accelerate `GeneralTracker` objects to log to besides those of `train.report_to`."""
 
-    def __init__(self, recipe, model=None, datasets=None, overrides: list | None = None):
+    def __init__(self, recipe, model=None, datasets=None, overrides: list | None = None, trackers=None):
         from accelerate.utils import set_seed
         from transformers.utils import logging as hf_logging
 
@@ -48,8 +50,12 @@ class Trainer:
                               f"not {recipe.task!r}")
         self.balancer = balancer_cls(balancer_config)
         self.task = task = make_task(recipe)
+        self._check_eval_settings()
+        from mmbalance_llm.train.logger import log_with, resolve_report_to
+
+        trackers = log_with(resolve_report_to(cfg.report_to), recipe.output_dir, trackers or ())
         self.accelerator = acc = make_accelerator(
-            cfg, balancer_cls.find_unused_parameters or task.find_unused_parameters)
+            cfg, balancer_cls.find_unused_parameters or task.find_unused_parameters, trackers, recipe.output_dir)
         self.balancer.check_engine(acc)  # before any engine is built (DeepSpeed compiles for a minute on CPU)
         set_seed(cfg.seed)
 
@@ -104,6 +110,7 @@ class Trainer:
         self.balancer.setup(self.ctx, self.model)
         self.output_dir = recipe.output_dir
         self.step_seconds, self.progress = 0.0, tqdm(disable=True)  # fit() replaces the bar
+        self.mid_eval_seconds = 0.0
         self._prepare_output_dir()
 
     def make_loader(self, dataset, shuffle: bool, batch_size: int, collate_fn) -> DataLoader:
@@ -116,6 +123,15 @@ class Trainer:
         if key not in names:
             raise RecipeError(f"recipe key 'train.metric_for_best_model' is {key!r}; task '{self.task.name}' "
                               f"reports {', '.join(names)}")
+
+    def _check_eval_settings(self) -> None:
+        cfg = self.recipe.train
+        if cfg.early_stopping_patience and cfg.eval_strategy == "no":
+            raise RecipeError("recipe key 'train.early_stopping_patience' needs evaluations during training; "
+                              "train.eval_strategy is 'no'")
+        if cfg.save_strategy == "steps" and not cfg.save_steps:
+            raise RecipeError("recipe key 'train.save_strategy' is 'steps' but train.save_steps is not set")
+        self.eval_steps = (cfg.eval_steps or cfg.logging_steps) if cfg.eval_strategy == "steps" else None
 
     # -- output folder, resume --------------------------------------------------------------------
     def _prepare_output_dir(self) -> None:
@@ -134,8 +150,11 @@ class Trainer:
             ckpt.restore_best(self.resume_dir, out, acc.is_main_process)
             self.ctx.global_step, self.ctx.epoch = self.state["global_step"], self.state["epoch"]
             acc.wait_for_everyone()
+        from mmbalance_llm.train.logger import hparams
+
         self.logger = RunLogger(out, acc.is_main_process,
-                                resume_step=self.state["global_step"] if self.resume_dir else None)
+                                resume_step=self.state["global_step"] if self.resume_dir else None,
+                                accelerator=acc, config=hparams(self.recipe.to_dict()))
 
     def save_checkpoint(self) -> None:
         key = (self.state["global_step"], self.state["epoch"], self.state["batches_done"])
@@ -211,8 +230,20 @@ class Trainer:
             self.progress.set_postfix(loss=f"{mean_loss:.4f}")
             self.logger.log({"step": step, "epoch": self.ctx.epoch + 1, "split": "train", "loss": mean_loss,
                              "lr": self.optimizer.param_groups[0]["lr"], **logs})
-        if cfg.save_steps and step % cfg.save_steps == 0 and not self._epoch_ends_here():
+        if self.eval_steps and step % self.eval_steps == 0:
+            self._validate_mid_training()
+        if cfg.save_steps and cfg.save_strategy != "no" and step % cfg.save_steps == 0 and not (
+                cfg.save_strategy == "epoch" and self._epoch_ends_here()):
             self.save_checkpoint()
+
+    def _validate_mid_training(self) -> None:
+        """A step-level evaluation (train.eval_strategy='steps'); every module's train/eval mode is put back
+        as it was (a method may keep parts of the model in eval mode)."""
+        tick, modes = time.perf_counter(), [(m, m.training) for m in self.model.modules()]
+        self._validate_and_keep_best(self.ctx.epoch + 1)
+        for module, training in modes:
+            module.train(training)
+        self.mid_eval_seconds += time.perf_counter() - tick
 
     def _epoch_ends_here(self) -> bool:
         # The epoch-end checkpoint follows right after; writing the same checkpoint-N twice is avoided.
@@ -232,7 +263,8 @@ class Trainer:
 
     def stop_requested(self) -> bool:
         stop = self.recipe.train.stop_after_steps
-        return self._at_max_steps() or (stop is not None and self.state["global_step"] >= stop)
+        return (self._at_max_steps() or (stop is not None and self.state["global_step"] >= stop)
+                or bool(self.state.get("early_stopped")))
 
     # -- evaluation and model choice ---------------------------------------------------------------
     def evaluate(self, split: str) -> dict:
@@ -255,6 +287,7 @@ class Trainer:
         self.logger.log({"step": self.state["global_step"], "epoch": epoch, "split": "validation", **metrics})
         self.accelerator.print(f"[mmbalance] epoch {epoch} step {self.state['global_step']} validation: "
                                f"{self.task.summary(metrics)}")
+        self.state["evaluated_step"] = self.state["global_step"]
         if self._is_better(metrics):
             self.state.update(best_metric=metrics[key], best_step=self.state["global_step"], best_epoch=epoch,
                               best_validation=metrics, evals_since_best=0)
@@ -307,19 +340,22 @@ class Trainer:
                              disable=not (acc.is_main_process and cfg.progress), desc=self.balancer.name)
         start_time, start_step, self.step_seconds = time.perf_counter(), self.state["global_step"], 0.0
         train_seconds = 0.0  # epochs' training work, the method's epoch hooks included; evaluation excluded
-        if self.task.eval_at_start and self.state["global_step"] == 0 and self.state["before_training"] is None:
+        if (self.task.eval_at_start and cfg.eval_strategy != "no" and self.state["global_step"] == 0
+                and self.state["before_training"] is None):
             self.state["before_training"] = self._validate_and_keep_best(0)
         for epoch in range(self.state["epoch"], self.num_epochs):
             tick = time.perf_counter()
             finished_epoch = self.train_epoch(epoch)
-            train_seconds += time.perf_counter() - tick
+            train_seconds += time.perf_counter() - tick - self.mid_eval_seconds
+            self.mid_eval_seconds = 0.0
             done = self._at_max_steps()
             if not finished_epoch and not done:
-                break  # stop_after_steps part-way through an epoch
-            if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == self.num_epochs or done:
+                break  # stop_after_steps, or early stopping at a step-level evaluation, part-way through an epoch
+            if self._evaluate_at_epoch_end(epoch + 1, done):
                 self._validate_and_keep_best(epoch + 1)
             self.state.update(epoch=epoch + 1, batches_done=0)
-            self.save_checkpoint()
+            if cfg.save_strategy == "epoch":
+                self.save_checkpoint()
             if done or self.stop_requested() or self.state["early_stopped"]:
                 break
         self.progress.close()
@@ -335,6 +371,14 @@ class Trainer:
             self._close()
             return None
         return self.finish()
+
+    def _evaluate_at_epoch_end(self, epoch: int, done: bool) -> bool:
+        """Evaluate at this epoch's end? 'epoch': every eval_every_epochs and at the end of training; 'steps' and
+        'no': only at the end of training, unless a step-level evaluation just saw this very model."""
+        cfg, last = self.recipe.train, done or epoch == self.num_epochs
+        if cfg.eval_strategy == "epoch":
+            return epoch % cfg.eval_every_epochs == 0 or last
+        return last and self.state.get("evaluated_step") != self.state["global_step"]
 
     def finish(self) -> dict:
         """Reload the best model, read the test split once, write final_metrics.json and the plots."""
@@ -358,7 +402,10 @@ class Trainer:
             final["active_at_best_epoch"] = active_at(self.balancer.name, b, self.state["best_epoch"], epochs)
         final.update(self.task.final_extras(self.model))
         if self.state.get("early_stopped"):
-            final["early_stopped_at_epoch"] = self.state["epoch"]
+            final["early_stopped_at_epoch"] = self.state["epoch"] + (1 if self.state["batches_done"] else 0)
+            final["early_stopped_at_step"] = self.state["global_step"]
+        if "test" in final:  # test metrics reach the trackers (not metrics.jsonl: that is the training log)
+            self.logger.log_trackers({"test": final["test"]}, self.state["global_step"])
         if acc.is_main_process:
             write_json_atomic(os.path.join(self.output_dir, "final_metrics.json"), final)
             from mmbalance_llm.train.model_card import write_model_card

@@ -13,18 +13,28 @@ class ClassifyTask(Task):
     name = "classify"
 
     def load_data(self, datasets=None) -> None:
-        from mmbalance_llm.data.features import load_feature_data
+        from mmbalance_llm.data.features import LoadedData, load_feature_data
 
         r = self.recipe
-        self.data = load_feature_data(r.data, r.model.num_classes, seed=r.train.seed, datasets=datasets)
+        if isinstance(datasets, LoadedData):  # read and validated already (mmbalance compare shares one read)
+            self.data = datasets
+        else:
+            self.data = load_feature_data(r.data, r.model.num_classes, seed=r.train.seed, datasets=datasets)
         self.modalities, self.num_classes = self.data.modalities, self.data.num_classes
         self.train_dataset = self.data.train
         self.notes = list(self.data.notes)
 
     def build_model(self, balancer, model=None):
-        if model is not None:
-            return model
-        return balancer.build_model(self.recipe.model, self.modalities, self.data.input_shapes, self.num_classes)
+        if model is None:
+            model = balancer.build_model(self.recipe.model, self.modalities, self.data.input_shapes, self.num_classes)
+        if self.recipe.model.gradient_checkpointing:
+            from mmbalance_llm.config import RecipeError
+            from mmbalance_llm.models.media_encoders import enable_gradient_checkpointing
+
+            if not enable_gradient_checkpointing(model):
+                raise RecipeError("recipe key 'model.gradient_checkpointing' is true but the model has no Hugging Face "
+                                  "encoder that supports it (encoder: hf)")
+        return model
 
     def metric_names(self) -> list:
         return list(METRICS)
