@@ -1,0 +1,61 @@
+"""Run under `accelerate launch` (2 CPU processes, DDP or DeepSpeed): trains each method named on the
+command line for a few optimizer steps and rank 0 saves the trained parameters by name
+(`{method}.pt` in OUT). tests/test_deepspeed_parity.py compares the DDP and the DeepSpeed files.
+
+    accelerate launch --config_file CONFIG tests/engine_parity_worker.py DATA OUT METHODS STEPS
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import tiny_recipe  # noqa: E402
+from ddp_worker import EXERCISE  # noqa: E402
+
+from mmbalance_llm.config import recipe_from_dict  # noqa: E402
+from mmbalance_llm.train.trainer import Trainer  # noqa: E402
+
+
+def main() -> None:
+    data, out, methods, steps = sys.argv[1], sys.argv[2], sys.argv[3].split(","), int(sys.argv[4])
+    errors = {}
+    for method in methods:
+        try:
+            raw = tiny_recipe(data, os.path.join(out, "runs", method), method,
+                              train={"max_steps": steps, "shapley": False})
+            raw["balance"].update(EXERCISE.get(method, {}))
+            trainer = Trainer(recipe_from_dict(raw))
+            captured = {}
+            finish = trainer.finish
+
+            def capture_then_finish():
+                # the trained weights, before `finish` reloads best/; under ZeRO-3 gathered from the shards
+                acc = trainer.accelerator
+                state = acc.get_state_dict(trainer.model)
+                captured["params"] = {k: v.detach().float().cpu().clone() for k, v in state.items()}
+                return finish()
+
+            trainer.finish = capture_then_finish
+            trainer.fit()
+            if trainer.accelerator.is_main_process:
+                torch.save(captured["params"], os.path.join(out, f"{method}.pt"))
+        except Exception as exc:  # keep going so one failing method does not hide the others
+            errors[method] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}"
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(os.path.join(out, "errors.json"), "w", encoding="utf-8") as fh:
+            json.dump(errors, fh, indent=2)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
