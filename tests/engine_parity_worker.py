@@ -39,8 +39,8 @@ def main() -> None:
             def capture_then_finish():
                 # the trained weights, before `finish` reloads best/; under ZeRO-3 gathered from the shards
                 acc = trainer.accelerator
-                state = acc.get_state_dict(trainer.model)
-                captured["params"] = {k: v.detach().float().cpu().clone() for k, v in state.items()}
+                state = acc.get_state_dict(trainer.model)  # a collective; ZeRO-3 returns it on rank 0 only
+                captured["params"] = {k: v.detach().float().cpu().clone() for k, v in (state or {}).items()}
                 return finish()
 
             trainer.finish = capture_then_finish
