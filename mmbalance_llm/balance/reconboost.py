@@ -76,7 +76,7 @@ class ReconBoost(Balancer):
     requires_unimodal_logits = True
     find_unused_parameters = True
     # Measured: ZeRO-2 ends 4e-5 from DDP after 8 steps and the gap grows (ZeRO-3: -3 test points).
-    zero_stages = (0, 1, 2, 3)
+    zero_stages = ()
     zero_stages_reason = ("each boosting stage leaves the other learners without gradients: torch's AdamW skips them, "
                           "DeepSpeed's flat optimizer state still moves them by momentum and weight decay")
     config_class = ReconBoostConfig
