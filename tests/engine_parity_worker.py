@@ -5,8 +5,9 @@ methods that failed or were refused. tests/test_deepspeed_parity.py compares the
 
     accelerate launch --config_file CONFIG tests/engine_parity_worker.py DATA OUT METHODS STEPS
 
-STEPS: optimizer steps (0: 2 epochs). METHODS is comma-separated; `name@key=value@...` sets balance hyperparameters (values read as YAML), e.g.
-`mmpareto@gradient_space=feature`; the file is then named after the whole spec.
+STEPS: optimizer steps (0: 2 epochs). METHODS is comma-separated; `name@key=value@...` sets balance
+hyperparameters (values read as YAML), e.g. `mmpareto@gradient_space=feature`; the file is then named after
+the whole spec.
 """
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _deepspeed_accelerator(config: dict, stage: int = 2):
     plugin = SimpleNamespace(deepspeed_config=config, gradient_clipping="auto", zero_stage=stage)
-    return SimpleNamespace(distributed_type=SimpleNamespace(name="DEEPSPEED"), state=SimpleNamespace(deepspeed_plugin=plugin))
+    return SimpleNamespace(distributed_type=SimpleNamespace(name="DEEPSPEED"),
+                           state=SimpleNamespace(deepspeed_plugin=plugin))
 
 
 def test_deepspeed_clips_exactly_when_the_recipe_does():

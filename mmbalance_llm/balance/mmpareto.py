@@ -117,7 +117,8 @@ class MMPareto(Balancer):
     # measured with both gradient spaces: ZeRO-2 fails inside DeepSpeed's gradient reduction (IndexError),
     # ZeRO-3 returns features that are not in the loss's graph
     zero_stages = ()
-    zero_stages_reason = "it takes torch.autograd.grad w.r.t. the features inside the step, which DeepSpeed does not support"
+    zero_stages_reason = ("it takes torch.autograd.grad w.r.t. the features inside the step, which DeepSpeed "
+                          "does not support")
     config_class = MMParetoConfig
 
     def __init__(self, config=None):

@@ -26,7 +26,8 @@ stage; BalanceBenchmark uses 1). M > 2: supported (cyclic order).
 Differences from the official code: the live reconcilement term (above); the boost rate is a fixed hyperparameter (default 1), not learned: a positive
 scalar on the ensemble does not change its predictions, only the stage-2 loss temperature. The learners
 share the concat head (split columns) instead of the reference's shared 1024-d head; stage 1 leaves the
-other encoders without gradients, so `find_unused_parameters` is on under DDP. Each pass has its own seeded
+other encoders without gradients, so `find_unused_parameters` is on under DDP (and DeepSpeed is refused: its
+flat optimizer would still move them). Each pass has its own seeded
 order, and a run stopped by `train.stop_after_steps` in any pass resumes at the same pass and batch
 (`epoch_length` tells the loop that an epoch is all its passes; tested in tests/test_method_table.py).
 """
