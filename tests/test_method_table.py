@@ -136,9 +136,12 @@ def test_every_default_lies_in_its_declared_range_and_out_of_range_values_are_re
                     _make_config(cls, {key: spec["min"] - 1})
 
 
-# measured with tests/ddp_worker.py under accelerate_configs/deepspeed_zero{2,3}.yaml (README table)
-REFUSED_UNDER_DEEPSPEED = {"greedy", "inforeg", "mla", "ogm", "ogm_ge", "relearning", "mmpareto"}
-REFUSED_UNDER_ZERO3 = REFUSED_UNDER_DEEPSPEED | {"cml", "gblending", "lfm", "umt"}
+# measured with tests/engine_parity_worker.py under accelerate_configs/deepspeed_zero{2,3}.yaml (README table)
+REFUSED_UNDER_DEEPSPEED = {"greedy", "inforeg", "mla", "ogm", "ogm_ge", "relearning", "mmpareto", "reconboost"}
+REFUSED_UNDER_ZERO3 = REFUSED_UNDER_DEEPSPEED | {"cml", "gblending", "lfm", "umt", "rollingq"}
+# settings of refused methods that run (they need no parameter-gradient edit): measured equal to DDP
+RUNS_UNDER_DEEPSPEED = [("ogm", {"modulation": "OGM"}), ("ogm_ge", {"modulation": "OGM"})]
+REFUSED_SETTINGS = [("mmpareto", {"gradient_space": "feature"}), ("mla", {"projection": False})]
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -156,4 +159,11 @@ def test_methods_refuse_a_deepspeed_stage_they_cannot_run_before_the_engine_is_b
             with pytest.raises(ValueError, match=f"balance.method '{name}'"):
                 balancer.check_engine(acc)
         else:
-            balancer.check_engine(acc)  # runs (README: same results as DDP or the measured difference)
+            balancer.check_engine(acc)  # runs (README: the same parameters as DDP)
+    for name, settings in RUNS_UNDER_DEEPSPEED + REFUSED_SETTINGS:
+        balancer = get_method(name, **settings)
+        if (name, settings) in REFUSED_SETTINGS:
+            with pytest.raises(ValueError, match=f"balance.method '{name}' .*; it runs under DDP"):
+                balancer.check_engine(acc)
+        else:
+            balancer.check_engine(acc)

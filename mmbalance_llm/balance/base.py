@@ -163,10 +163,11 @@ class Balancer:
                              f"use DDP (accelerate_configs/ddp_cpu_2proc.yaml or multi_gpu.yaml) or a setting of the "
                              f"method that needs no parameter-gradient edit")
         if stage not in self.zero_stages:
-            works = ", ".join(f"ZeRO-{s}" for s in self.zero_stages) or "no ZeRO stage"
+            works = ["DDP"] + [f"ZeRO-{s}" for s in self.zero_stages if s]  # ZeRO-0 is plain data parallel
+            works = " and ".join([", ".join(works[:-1]), works[-1]] if len(works) > 1 else works)
             why = f" ({self.zero_stages_reason})" if self.zero_stages_reason else ""
             raise ValueError(f"balance.method '{self.name}' does not run under DeepSpeed ZeRO-{stage}{why}; it runs "
-                             f"under DDP and {works}")
+                             f"under {works}")
 
     # -- per step -----------------------------------------------------------------------------
     def forward(self, model, batch: dict):

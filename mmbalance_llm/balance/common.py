@@ -31,4 +31,24 @@ def scale_feature_grad(features: dict, coefficients: dict) -> None:
     for m, k in coefficients.items():
         k = float(k)
         if k != 1.0 and features[m].requires_grad:
-            features[m].register_hook(lambda g, k=k: g * k)
+            _scale_grad(features[m], k)
+
+
+# DeepSpeed ZeRO-3 hands every module output back through an identity autograd Function (to fetch the
+# module's parameters before its backward): the features a model returns are then a new node *after* the
+# tensor its fusion consumed, and a hook on them sees only the gradient of losses that read them directly
+# (measured: AGM's coefficients never reached the encoders under ZeRO-3).
+_ZERO3_WRAPPERS = ("PreBackwardFunctionForModuleBackward", "PostBackwardFunctionModuleBackward")
+
+
+def _scale_grad(tensor: torch.Tensor, k: float) -> None:
+    node = tensor.grad_fn
+    if node is None or type(node).__name__ not in _ZERO3_WRAPPERS:
+        tensor.register_hook(lambda g: g * k)
+        return
+    index = 0
+    while node is not None and type(node).__name__ in _ZERO3_WRAPPERS:
+        node, index = node.next_functions[0]
+    # the node that made the tensor every consumer reads: scale the gradient arriving at that output
+    node.register_prehook(lambda grads: tuple(g * k if i == index and g is not None else g
+                                              for i, g in enumerate(grads)))

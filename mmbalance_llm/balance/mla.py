@@ -32,8 +32,9 @@ projection as in OWM and the paper, and each modality is protected by a projecto
 modalities only (a single shared P would also project out a modality's own directions).
 
 Distributed: the mean feature r is summed over processes and the gradient edit runs after the
-all-reduce, so Q and the head stay identical on every rank. It edits p.grad (not supported under
-DeepSpeed) and needs `train.gradient_accumulation_steps: 1` (every unimodal step is an optimizer step).
+all-reduce, so Q and the head stay identical on every rank. Refused under DeepSpeed (it edits p.grad, and
+its unimodal steps leave parameters without gradients, see `zero_stages_reason`); it needs
+`train.gradient_accumulation_steps: 1` (every unimodal step is an optimizer step).
 """
 from __future__ import annotations
 
@@ -64,6 +65,10 @@ class MLA(Balancer):
     stage = "feed-forward"
     paper = "Zhang et al., CVPR 2024 (alternating unimodal adaptation, MLA)"
     find_unused_parameters = True
+    # measured with projection: false: ZeRO-2 ends 2e-2 from DDP after 8 steps
+    zero_stages = ()
+    zero_stages_reason = ("each unimodal step leaves the other encoders without gradients: torch's AdamW skips them, "
+                          "DeepSpeed's flat optimizer state still moves them by momentum and weight decay")
     config_class = MLAConfig
 
     def __init__(self, config=None):

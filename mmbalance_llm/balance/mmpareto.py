@@ -114,6 +114,11 @@ class MMPareto(Balancer):
     stage = "objective"
     paper = "Wei & Hu, MMPareto: Boosting Multimodal Learning with Innocent Unimodal Assistance, ICML 2024"
     requires_unimodal_logits = True
+    # measured with both gradient spaces: ZeRO-2 fails inside DeepSpeed's gradient reduction (IndexError),
+    # ZeRO-3 returns features that are not in the loss's graph
+    zero_stages = ()
+    zero_stages_reason = ("it takes torch.autograd.grad w.r.t. the features inside the step, which DeepSpeed "
+                          "does not support")
     config_class = MMParetoConfig
 
     def __init__(self, config=None):
@@ -124,14 +129,6 @@ class MMPareto(Balancer):
             raise ValueError(f"balance.rescale must be 'encoder' or 'tensor', got {self.config.rescale!r}")
         if self.config.rescale == "tensor" and self.config.gradient_space == "feature":
             raise ValueError("balance.rescale 'tensor' needs balance.gradient_space 'parameter'")
-
-    def check_engine(self, accelerator) -> None:
-        super().check_engine(accelerator)
-        if accelerator.distributed_type.name == "DEEPSPEED" and self.config.gradient_space == "parameter":
-            # measured: ZeRO-2 fails inside DeepSpeed's gradient hooks (IndexError), ZeRO-3 partitions the parameters
-            raise ValueError("balance.method 'mmpareto' with gradient_space 'parameter' differentiates w.r.t. the "
-                             "encoder parameters, which DeepSpeed does not support; use balance.gradient_space: "
-                             "feature, or DDP")
 
     def setup(self, ctx, model):
         super().setup(ctx, model)

@@ -65,12 +65,29 @@ class RollingQ(Balancer):
     paper = "RollingQ: Reviving the Cooperation Dynamics in Multimodal Transformer (Ni et al., ICML 2025)"
     supports_many_modalities = True
     tasks = ("classify", "sft")
+    # Measured: ZeRO-2 equals DDP bit for bit. ZeRO-3 replaces torch's linear by its own, whose bias gradient
+    # rounds differently; the key bias's gradient is 0 in exact arithmetic (a softmax shift), so AdamW turns
+    # that rounding into lr-sized steps (3e-4 after one step), and the SVD rotation, free in the complement
+    # of span(q, t), amplifies it (1.4 after 8 steps). With zero_optimization.memory_efficient_linear: false
+    # (torch's linear) ZeRO-3 equals DDP bit for bit.
+    zero_stages = (0, 1, 2)
+    zero_stages_reason = ("DeepSpeed's memory-efficient ZeRO-3 linear rounds the key bias gradient differently and "
+                          "the query rotation amplifies it; ZeRO-3 with torch's linear, "
+                          "accelerate_configs/deepspeed_zero3_torch_linear.yaml, also runs")
     config_class = RollingQConfig
 
     def __init__(self, config=None):
         super().__init__(config)
         self.rotations = 0
         self._decoder = None  # task sft: the DecoderRollingQ handle (balance/_rollingq_sft.py)
+
+    def check_engine(self, accelerator) -> None:
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        config = getattr(plugin, "deepspeed_config", None) or {}
+        if (accelerator.distributed_type.name == "DEEPSPEED" and int(getattr(plugin, "zero_stage", 0) or 0) == 3
+                and config.get("zero_optimization", {}).get("memory_efficient_linear", True) is False):
+            return  # torch's linear: measured equal to DDP
+        super().check_engine(accelerator)
 
     def build_model(self, model_cfg, modalities, input_shapes, num_classes):
         from mmbalance_llm.models.registry import build_model

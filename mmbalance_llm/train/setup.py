@@ -37,11 +37,35 @@ def make_accelerator(train_cfg, find_unused_parameters: bool = False, log_with=N
         project_config=ProjectConfiguration(project_dir=logging_dir, logging_dir=logging_dir) if log_with else None,
     )
     check_launch(accelerator)
+    match_deepspeed_clipping(accelerator, train_cfg.max_grad_norm)
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type.name != "FSDP":
         # measured on CPU: with ACCELERATE_USE_CPU=true an FSDP launch runs as plain multi-process CPU DDP
         accelerator.print(f"[mmbalance] note: FSDP was requested but Accelerate runs "
                           f"{accelerator.distributed_type.name} (FSDP needs GPUs)")
     return accelerator
+
+
+def match_deepspeed_clipping(accelerator, max_grad_norm) -> None:
+    """Make DeepSpeed clip exactly as the loop does under DDP: at `train.max_grad_norm`, or not at all.
+
+    DeepSpeed clips inside its own step (Accelerate's `clip_grad_norm_` is a no-op there), and Accelerate
+    fills an unset ("auto") `gradient_clipping` with 1.0. Without this, a recipe without `max_grad_norm`
+    is clipped at 1.0 under DeepSpeed only (measured: methods with several cross-entropies, whose gradient
+    norm exceeds 1, drifted a few test points from DDP). A launcher config that sets a different value is
+    refused, since the two engines would train differently."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if accelerator.distributed_type.name != "DEEPSPEED" or plugin is None:
+        return
+    want = float(max_grad_norm or 0.0)  # DeepSpeed: 0 means no clipping
+    have = plugin.deepspeed_config.get("gradient_clipping", "auto")
+    if have not in (None, "auto") and float(have) != want:
+        from mmbalance_llm.config import RecipeError
+
+        raise RecipeError(f"the DeepSpeed config sets gradient_clipping {have} but recipe key 'train.max_grad_norm' is "
+                          f"{max_grad_norm}; set train.max_grad_norm (the loop clips the same under every engine) and "
+                          f"leave gradient_clipping out of the DeepSpeed config")
+    plugin.deepspeed_config["gradient_clipping"] = want
+    plugin.gradient_clipping = want
 
 
 def process_state():
