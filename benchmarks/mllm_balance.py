@@ -11,9 +11,9 @@ split, read once, at the checkpoint validation chose; mean ± std over seeds, ea
 * **MM gain**: the multimodal gain of the validation diagnostics at the chosen checkpoint (accuracy with the
   medium minus with it dropped, on `eval.diagnostics_max_samples` items); **media grad share**: the share of the
   adapter's A-gradient from the medium's token positions (the same diagnostics);
-* **step**: the run's mean optimizer-step time over the plain run of the same adapter (IMoD: LoRA) and seed (runs go
-  `--jobs` at a time on a shared machine, so this column is indicative; `benchmarks/mllm_balance_cost.py` is the
-  interleaved measurement).
+* step time is not in the table: these runs go `--jobs` at a time on a shared machine, so their timings compare
+  loads, not methods (kept in the JSON as `step_ratio`); `benchmarks/mllm_balance_cost.py` is the interleaved
+  measurement.
 
 Each run is one `python -m mmbalance_llm train` process (1 thread); finished runs are kept under `--work` and
 reused, so adding a method reruns only its rows.
@@ -159,17 +159,15 @@ def main(argv=None) -> int:
         md += [f"\n**Tiny {'LLaVA' if fam == 'llava' else 'Qwen2-Audio'}** ({medium}; text prior "
                f"{args.text_prior}, test without the prior; {len(seeds)} seeds, {args.epochs} epochs)\n",
                f"| run | {medium} acc | needs-{medium} acc | overall acc | MM gain (val) | {medium} grad share "
-               f"(val) | step vs plain |", "|---|---|---|---|---|---|---|"]
+               f"(val) |", "|---|---|---|---|---|---|"]
         for m in names:
             adapter = METHODS[m][0]
             per_seed = [row_values(finals[(fam, m, s)], timing[(fam, m, s)],
                                    timing.get((fam, PLAIN[adapter], s)), medium) for s in seeds]
             stats = {c: mean_std([v[c] for v in per_seed]) for c in cols}
             rows[f"{fam}/{m}"] = {"per_seed": per_seed, **{c: stats[c] for c in cols}}
-            step = stats["step_ratio"][0]
             md.append(f"| {m} | {fmt(stats['media'])} | {fmt(stats['needs_media'])} | {fmt(stats['overall'])} | "
-                      f"{fmt(stats['gain'])} | {fmt(stats['grad_share'])} | "
-                      f"{'-' if step is None else f'{step:.2f}x'} |")
+                      f"{fmt(stats['gain'])} | {fmt(stats['grad_share'])} |")
     text = "\n".join(md).strip()
     write_result(args.out, text, rows)
     return 0
