@@ -23,6 +23,7 @@ from torch import nn
 from mmbalance_llm.adapters.imod.config import IMOD_PEFT_TYPE, ImodConfig
 from mmbalance_llm.adapters.imod.layer import ImodLinear
 from mmbalance_llm.adapters.moka.model import _lm_targets, check_peft_version
+from mmbalance_llm.adapters.peft_methods import load_with_config, register_peft_method
 from mmbalance_llm.models.modality_map import _cfg_get, get_modality_map, modality_masks
 
 
@@ -166,20 +167,10 @@ HOTSWAP_KEYS = ("r", "lora_alpha", "use_rslora", "lora_dropout", "alpha_pattern"
 def register_imod() -> None:
     """Insert "IMOD" into peft's mappings, and into hotswap's compatibility table (idempotent)."""
     check_peft_version()
-    from peft import mapping
-    from peft.utils import hotswap
-
-    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[IMOD_PEFT_TYPE] = ImodConfig
-    mapping.PEFT_TYPE_TO_TUNER_MAPPING[IMOD_PEFT_TYPE] = ImodModel
-    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[IMOD_PEFT_TYPE] = "lora_"
-    hotswap.CONFIG_KEYS_TO_CHECK[IMOD_PEFT_TYPE] = list(HOTSWAP_KEYS)
+    register_peft_method(IMOD_PEFT_TYPE, ImodConfig, ImodModel, HOTSWAP_KEYS)
 
 
 def load_imod(base_model, path, adapter_name: str = "default", is_trainable: bool = False, **kwargs):
     """Fallback loader: ``PeftModel.from_pretrained`` with the config passed explicitly."""
-    from peft import PeftModel
-
     register_imod()
-    cfg = ImodConfig.from_pretrained(path)
-    return PeftModel.from_pretrained(base_model, path, adapter_name=adapter_name, config=cfg,
-                                     is_trainable=is_trainable, **kwargs)
+    return load_with_config(ImodConfig, base_model, path, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)

@@ -18,6 +18,7 @@ from torch import nn
 from mmbalance_llm.adapters.moka.config import MOKA_PEFT_TYPE, MokaConfig
 from mmbalance_llm.adapters.moka.layer import MERGE_REFUSED, MokaLinear
 from mmbalance_llm.adapters.moka.masks import MokaMaskContext
+from mmbalance_llm.adapters.peft_methods import load_with_config, register_peft_method
 from mmbalance_llm.models.modality_map import LM_PROJECTIONS
 
 PEFT_VERIFIED = ((0, 21), (0, 22))  # [min, max) of peft versions whose private mappings this was verified on
@@ -185,20 +186,10 @@ HOTSWAP_KEYS = ("r", "lora_alpha", "use_rslora", "lora_dropout", "alpha_pattern"
 def register_moka() -> None:
     """Insert "MOKA" into peft's mappings, and into hotswap's compatibility table (idempotent)."""
     check_peft_version()
-    from peft import mapping
-    from peft.utils import hotswap
-
-    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[MOKA_PEFT_TYPE] = MokaConfig
-    mapping.PEFT_TYPE_TO_TUNER_MAPPING[MOKA_PEFT_TYPE] = MokaModel
-    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[MOKA_PEFT_TYPE] = "lora_"
-    hotswap.CONFIG_KEYS_TO_CHECK[MOKA_PEFT_TYPE] = list(HOTSWAP_KEYS)
+    register_peft_method(MOKA_PEFT_TYPE, MokaConfig, MokaModel, HOTSWAP_KEYS)
 
 
 def load_moka(base_model, path, adapter_name: str = "default", is_trainable: bool = False, **kwargs):
     """Fallback loader: ``PeftModel.from_pretrained`` with the config passed explicitly."""
-    from peft import PeftModel
-
     register_moka()
-    cfg = MokaConfig.from_pretrained(path)
-    return PeftModel.from_pretrained(base_model, path, adapter_name=adapter_name, config=cfg,
-                                     is_trainable=is_trainable, **kwargs)
+    return load_with_config(MokaConfig, base_model, path, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
