@@ -20,39 +20,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from moka_vs_lora import _cuda, build, make_batch  # noqa: E402
+from moka_vs_lora import _cuda, build, make_batch, peak_bytes  # noqa: E402
 
 
-def peak_bytes(model, batch, opt, device) -> int:
-    """moka_vs_lora.peak_bytes with IMoD's term in the backward."""
-    import torch
-
-    def loss_of(out):
-        extra = getattr(out, "imod_loss", None)
-        return out.loss if extra is None else out.loss + extra
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        loss_of(model(**batch)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    saved = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        saved[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_of(model(**batch))
-    loss.backward()
-    opt.step()
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    opt.zero_grad(set_to_none=False)
-    return sum(saved.values()) + trainable * 4  # params + grads + 2 AdamW moments
+def imod_loss(out):
+    """The loss an IMoD step differentiates: the LM loss plus IMoD's constraint term (absent for LoRA)."""
+    extra = getattr(out, "imod_loss", None)
+    return out.loss if extra is None else out.loss + extra
 
 
 def main(argv=None) -> int:
@@ -92,15 +66,13 @@ def main(argv=None) -> int:
                                       if "lora_imod_partition" in n))
 
     def step(r):
-        out = r["model"](**r["batch"])
-        extra = getattr(out, "imod_loss", None)
-        (out.loss if extra is None else out.loss + extra).backward()
+        imod_loss(r["model"](**r["batch"])).backward()
         r["opt"].step()
         r["opt"].zero_grad(set_to_none=False)
 
     for r in runs.values():  # warm-up (allocator, kernels) and memory
         step(r)
-        r["peak"] = peak_bytes(r["model"], r["batch"], r["opt"], device)
+        r["peak"] = peak_bytes(r["model"], r["batch"], r["opt"], device, loss_of=imod_loss)
     for _ in range(a.rounds):
         for r in runs.values():
             if device.type == "cuda":
