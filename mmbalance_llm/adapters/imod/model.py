@@ -23,7 +23,8 @@ from torch import nn
 from mmbalance_llm.adapters.imod.config import IMOD_PEFT_TYPE, ImodConfig
 from mmbalance_llm.adapters.imod.layer import ImodLinear
 from mmbalance_llm.adapters.moka.model import _lm_targets, check_peft_version
-from mmbalance_llm.adapters.peft_methods import load_with_config, register_peft_method
+from mmbalance_llm.adapters.peft_methods import (load_with_config, register_peft_method, require_linear,
+                                                 resolve_token_ids)
 from mmbalance_llm.models.modality_map import _cfg_get, get_modality_map, modality_masks
 
 
@@ -74,23 +75,14 @@ class ImodModel(LoraModel):
             peft_config.target_modules = _lm_targets(mmap, peft_config)
         if peft_config.num_layers is None:
             peft_config.num_layers = int(_cfg_get(model_config, "num_hidden_layers") or 1)
-        ids = mmap.token_ids(model_config)
-        if peft_config.modality_token_ids is None:
-            peft_config.modality_token_ids = ids
-        else:
-            saved = {m: int(t) for m, t in peft_config.modality_token_ids.items()}
-            diff = [m for m in saved if m in ids and saved[m] != ids[m]]
-            if diff:
-                raise ValueError(f"ImodConfig.modality_token_ids: the adapter's {diff[0]} token id is "
-                                 f"{saved[diff[0]]}, the base model's is {ids[diff[0]]}; it was made for another model")
+        peft_config.modality_token_ids = resolve_token_ids("ImodConfig", peft_config.modality_token_ids,
+                                                           mmap.token_ids(model_config))
         return peft_config
 
     def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         super()._create_and_replace(lora_config, adapter_name, target, target_name, parent, current_key, **kwargs)
         new = getattr(parent, target_name)
-        if not isinstance(new, ImodLinear):
-            raise ValueError(f"IMoD supports nn.Linear targets only; {current_key} is {type(target).__name__}. "
-                             "Narrow target_modules to the language model's linear projections.")
+        require_linear("IMoD", new, ImodLinear, current_key, target)
         new.init_partition(adapter_name, current_key, lora_config)
         self._imod_layers = None
         if self._imod_ctx is not None:

@@ -18,7 +18,8 @@ from torch import nn
 from mmbalance_llm.adapters.moka.config import MOKA_PEFT_TYPE, MokaConfig
 from mmbalance_llm.adapters.moka.layer import MERGE_REFUSED, MokaLinear
 from mmbalance_llm.adapters.moka.masks import MokaMaskContext
-from mmbalance_llm.adapters.peft_methods import load_with_config, register_peft_method
+from mmbalance_llm.adapters.peft_methods import (load_with_config, register_peft_method, require_linear,
+                                                 resolve_token_ids)
 from mmbalance_llm.models.modality_map import LM_PROJECTIONS
 
 PEFT_VERIFIED = ((0, 21), (0, 22))  # [min, max) of peft versions whose private mappings this was verified on
@@ -63,22 +64,13 @@ class MokaModel(LoraModel):
             raise ValueError(f"MokaConfig.modalities: the adapter has an A for {missing[0]!r}, which model_type "
                              f"{mmap.model_type!r} does not accept (its modalities: {list(mmap.modalities)})")
         ids = {m: t for m, t in mmap.token_ids(model_config).items() if m in peft_config.modalities}
-        if peft_config.modality_token_ids is None:
-            peft_config.modality_token_ids = ids
-        else:
-            saved = {m: int(t) for m, t in peft_config.modality_token_ids.items()}
-            diff = [m for m in saved if m in ids and saved[m] != ids[m]]
-            if diff:
-                raise ValueError(f"MokaConfig.modality_token_ids: the adapter's {diff[0]} token id is "
-                                 f"{saved[diff[0]]}, the base model's is {ids[diff[0]]}; it was made for another model")
+        peft_config.modality_token_ids = resolve_token_ids("MokaConfig", peft_config.modality_token_ids, ids)
         return peft_config
 
     def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         super()._create_and_replace(lora_config, adapter_name, target, target_name, parent, current_key, **kwargs)
         new = getattr(parent, target_name)
-        if not isinstance(new, MokaLinear):
-            raise ValueError(f"MokA supports nn.Linear targets only; {current_key} is {type(target).__name__}. "
-                             "Narrow target_modules to the language model's linear projections.")
+        require_linear("MokA", new, MokaLinear, current_key, target)
         if self._moka_ctx is not None:
             new.set_mask_context(self._moka_ctx)
 
