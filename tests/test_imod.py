@@ -343,8 +343,7 @@ def test_shipped_imod_recipes_load_and_switch_to_lora():
 def test_imod_sft_under_two_cpu_processes(tmp_path):
     """2-process CPU DDP: the constraint term goes through the loss, so DDP averages its gradient like the task's;
     before training both process counts evaluate the same model."""
-    import yaml
-    from test_sft_loop import launch, sft_recipe
+    from test_sft_loop import sft_recipe, train_two_processes
 
     from mmbalance_llm.train.trainer import Trainer
 
@@ -354,11 +353,7 @@ def test_imod_sft_under_two_cpu_processes(tmp_path):
         return r
 
     one = Trainer(recipe("one")).fit()
-    path = tmp_path / "two.yaml"
-    path.write_text(yaml.safe_dump(recipe("two", per_device_train_batch_size=2)))
-    proc = launch(["--config_file", "accelerate_configs/ddp_cpu_2proc.yaml", "-m", "mmbalance_llm", "train",
-                   str(path)], {"ACCELERATE_USE_CPU": "true"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_two_processes(tmp_path, recipe("two", per_device_train_batch_size=2))
     two = json.loads((tmp_path / "two" / "final_metrics.json").read_text())
     assert two["world_size"] == 2 and two["adapter"] == "imod"
     for key, v in one["validation_before_training"].items():

@@ -172,9 +172,7 @@ def test_mllm_ogm_scales_mokas_per_modality_a_by_exactly_the_coefficient(tmp_pat
 def test_mllm_methods_under_two_processes_match_one(tmp_path, balance, keys):
     """2 CPU processes x 2 samples see the same statistics (OGM: contributions and coefficients summed over ranks;
     contrast: the logged margins and hinge, summed over ranks) and diagnostics as 1 process x 4."""
-    import yaml
-
-    from test_sft_loop import launch
+    from test_sft_loop import train_two_processes
 
     from mmbalance_llm.train.trainer import Trainer
 
@@ -186,11 +184,7 @@ def test_mllm_methods_under_two_processes_match_one(tmp_path, balance, keys):
 
     build_assets(recipe("one"))
     Trainer(recipe("one")).fit()
-    path = tmp_path / "two.yaml"
-    path.write_text(yaml.safe_dump(recipe("two", per_device_train_batch_size=2)))
-    proc = launch(["--config_file", "accelerate_configs/ddp_cpu_2proc.yaml", "-m", "mmbalance_llm", "train", str(path)],
-                  {"ACCELERATE_USE_CPU": "true"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_two_processes(tmp_path, recipe("two", per_device_train_batch_size=2))
     one, two = ([json.loads(x) for x in open(tmp_path / n / "metrics.jsonl")] for n in ("one", "two"))
     t1, t2 = ([r for r in rows if r["split"] == "train"] for rows in (one, two))
     for key in keys:

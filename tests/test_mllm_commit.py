@@ -173,20 +173,14 @@ def test_commit_resumes_exactly_with_the_pending_snapshot_and_the_factors(tmp_pa
 @pytest.mark.slow
 def test_commit_under_two_processes_sums_the_statistics_over_ranks(tmp_path):
     """2 CPU processes x 2 samples measure the kappa and set the factors of 1 process x 4."""
-    import yaml
-
-    from test_sft_loop import launch
+    from test_sft_loop import train_two_processes
 
     from mmbalance_llm.train.trainer import Trainer
 
     balance = {"method": "commit", "lr_update_every": 1}
     build_assets(recipe(tmp_path, "one", balance, max_steps=3))
     Trainer(recipe(tmp_path, "one", balance, max_steps=3)).fit()
-    path = tmp_path / "two.yaml"
-    path.write_text(yaml.safe_dump(recipe(tmp_path, "two", balance, max_steps=3, per_device_train_batch_size=2)))
-    proc = launch(["--config_file", "accelerate_configs/ddp_cpu_2proc.yaml", "-m", "mmbalance_llm", "train", str(path)],
-                  {"ACCELERATE_USE_CPU": "true"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_two_processes(tmp_path, recipe(tmp_path, "two", balance, max_steps=3, per_device_train_batch_size=2))
     t1, t2 = _rows(tmp_path / "one"), _rows(tmp_path / "two")
     assert "kappa" in t1[1] and "kappa" in t2[1]
     for key in ("kl_feature", "kl_joint", "kappa", "lr_factor_feature", "lr_factor_llm"):

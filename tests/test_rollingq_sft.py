@@ -82,9 +82,7 @@ def test_bad_layers_are_refused_in_one_line():
 
 @pytest.mark.slow
 def test_rollingq_sft_under_two_processes_rotates_like_one(tmp_path):
-    import yaml
-
-    from test_sft_loop import launch
+    from test_sft_loop import train_two_processes
 
     from mmbalance_llm.train.trainer import Trainer
 
@@ -95,11 +93,7 @@ def test_rollingq_sft_under_two_processes_rotates_like_one(tmp_path):
 
     build_assets(recipe("one"))
     Trainer(recipe("one")).fit()
-    path = tmp_path / "two.yaml"
-    path.write_text(yaml.safe_dump(recipe("two", per_device_train_batch_size=2)))
-    proc = launch(["--config_file", "accelerate_configs/ddp_cpu_2proc.yaml", "-m", "mmbalance_llm", "train", str(path)],
-                  {"ACCELERATE_USE_CPU": "true"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_two_processes(tmp_path, recipe("two", per_device_train_batch_size=2))
     rq = [[json.loads(x) for x in open(tmp_path / n / "metrics.jsonl") if '"rollingq"' in x] for n in ("one", "two")]
     # the estimation pass sums over the whole training split on both: the same statistic (float tolerance:
     # the weights after one epoch differ in the last bits between 1 x 4 and 2 x 2 samples per step)

@@ -126,6 +126,17 @@ def launch(args, env_extra=None, timeout=900):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def train_two_processes(tmp_path, raw: dict, name: str = "two.yaml") -> None:
+    """`mmbalance train` on `raw` under 2 CPU DDP processes (accelerate_configs/ddp_cpu_2proc.yaml)."""
+    import yaml
+
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    proc = launch(["--config_file", "accelerate_configs/ddp_cpu_2proc.yaml", "-m", "mmbalance_llm", "train", str(path)],
+                  {"ACCELERATE_USE_CPU": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_sft_under_two_processes_evaluates_the_whole_split_and_refuses_the_pitfall(tmp_path):
     import yaml
