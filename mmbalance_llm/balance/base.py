@@ -151,9 +151,9 @@ class Balancer:
         if len(ctx.modalities) > 2 and not self.supports_many_modalities:
             raise ValueError(f"balance.method '{self.name}' supports 2 modalities, the data has {len(ctx.modalities)}")
 
-    def check_engine(self, accelerator) -> None:
+    def check_engine(self, accelerator, task: str = "classify") -> None:
         """Refuse an engine the method cannot run under, in one line. The loop calls this right after the
-        Accelerator is made, before the (minute-long, on CPU) DeepSpeed engine is built."""
+        Accelerator is made, before the (minute-long, on CPU) DeepSpeed engine is built; `task` is the recipe's."""
         if accelerator.distributed_type.name != "DEEPSPEED":
             return
         plugin = getattr(accelerator.state, "deepspeed_plugin", None)

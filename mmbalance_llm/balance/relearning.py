@@ -62,7 +62,7 @@ class ReLearning(Balancer):
     paper = "Wei et al., Diagnosing and Re-learning for Balanced Multimodal Learning, ECCV 2024"
     config_class = ReLearningConfig
 
-    def check_engine(self, accelerator) -> None:
+    def check_engine(self, accelerator, task: str = "classify") -> None:
         if accelerator.distributed_type.name == "DEEPSPEED":  # refused before the engine is built
             raise ValueError("balance.method 'relearning' resets parameters in place, which DeepSpeed's sharded "
                              "master weights do not see; use DDP")

@@ -81,13 +81,20 @@ class RollingQ(Balancer):
         self.rotations = 0
         self._decoder = None  # task sft: the DecoderRollingQ handle (balance/_rollingq_sft.py)
 
-    def check_engine(self, accelerator) -> None:
+    def check_engine(self, accelerator, task: str = "classify") -> None:
+        if task == "sft" and accelerator.distributed_type.name == "DEEPSPEED":
+            # measured (tiny LLaVA + MokA, 2 processes): ZeRO-2 ends 6e-3 from DDP after one rotation; the
+            # rotation is free in the complement of span(q, t), so the SVD turns DeepSpeed's rounding into a
+            # different rotation, as in the classifier version under ZeRO-3
+            raise ValueError("balance.method 'rollingq' on an MLLM decoder does not run under DeepSpeed (its "
+                             "rotation amplifies DeepSpeed's rounding: 6e-3 from DDP after one rotation); it runs "
+                             "under DDP (accelerate_configs/ddp_cpu_2proc.yaml or multi_gpu.yaml)")
         plugin = getattr(accelerator.state, "deepspeed_plugin", None)
         config = getattr(plugin, "deepspeed_config", None) or {}
         if (accelerator.distributed_type.name == "DEEPSPEED" and int(getattr(plugin, "zero_stage", 0) or 0) == 3
                 and config.get("zero_optimization", {}).get("memory_efficient_linear", True) is False):
             return  # torch's linear: measured equal to DDP
-        super().check_engine(accelerator)
+        super().check_engine(accelerator, task)
 
     def build_model(self, model_cfg, modalities, input_shapes, num_classes):
         from mmbalance_llm.models.registry import build_model

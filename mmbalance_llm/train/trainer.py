@@ -56,7 +56,9 @@ class Trainer:
         trackers = log_with(resolve_report_to(cfg.report_to), recipe.output_dir, trackers or ())
         self.accelerator = acc = make_accelerator(
             cfg, balancer_cls.find_unused_parameters or task.find_unused_parameters, trackers, recipe.output_dir)
-        self.balancer.check_engine(acc)  # before any engine is built (DeepSpeed compiles for a minute on CPU)
+        # before any engine is built (DeepSpeed compiles for a minute on CPU)
+        self.balancer.check_engine(acc, recipe.task)
+        task.check_engine(acc)
         set_seed(cfg.seed)
 
         # Everything that can reject the input runs before the output folder is touched.

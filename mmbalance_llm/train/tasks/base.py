@@ -37,6 +37,9 @@ class Task:
     def collate(self, items):
         raise NotImplementedError
 
+    def check_engine(self, accelerator) -> None:
+        """Refuse, in one line, an engine the task's model cannot train under (called before the engine is built)."""
+
     def setup(self, accelerator, model, make_loader=None) -> None:
         """After `accelerator.prepare`: `make_loader(dataset, shuffle, batch_size, collate_fn)` builds a
         seeded DataLoader (not yet prepared)."""

@@ -116,6 +116,15 @@ class SFTTask(Task):
         self.train_dataset = self.preprocessed["train"]
         self.evaluator = SFTEvaluator(self.collator, r.eval, r.train.per_device_eval_batch_size, self.dtype)
 
+    def check_engine(self, accelerator) -> None:
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if (self.recipe.adapter == "imod" and accelerator.distributed_type.name == "DEEPSPEED"
+                and int(getattr(plugin, "zero_stage", 0) or 0) == 3):
+            from mmbalance_llm.config import RecipeError
+
+            raise RecipeError("adapter: imod computes its constraint gradients from each layer's A during the "
+                              "forward, which DeepSpeed ZeRO-3 partitions; it runs under DDP and ZeRO-1/2")
+
     def setup(self, accelerator, model, make_loader=None) -> None:
         super().setup(accelerator, model, make_loader)
         # the training split in a fixed order, for methods that measure over it (RollingQ's estimation pass);
@@ -141,6 +150,12 @@ class SFTTask(Task):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         if r.adapter != "none":
+            # seeded again: loading under DeepSpeed ZeRO-3 initialises the weights inside zero.Init, which draws
+            # from the generators (a plain from_pretrained draws nothing, so this changes no other run), and the
+            # adapter's initial A must not depend on the engine
+            from accelerate.utils import set_seed
+
+            set_seed(r.train.seed)
             model = peft.get_peft_model(model, self._adapter_config())
         self.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return model
