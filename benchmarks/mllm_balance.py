@@ -1,10 +1,14 @@
 """MLLM balancing on text-dominant data: tiny LLaVA (image) and tiny Qwen2-Audio (audio) twins, plain LoRA, plain
-MokA, IMoD and every MLLM balancing method, 3 seeds.
+MokA, IMoD and every MLLM balancing method, 5 seeds.
 
 The data is the generated instruction set with a text prior (`data.generate.text_prior`, default 0.8): in training
 and validation, 80% of the media questions take their kind's prior answer, so the question text alone scores most
 of them; the test split has uniform answers (`test_prior: absent`), so there the medium is needed. Columns (test
 split, read once, at the checkpoint validation chose; mean ± std over seeds, each seed its own data and weights):
+
+* **paired Δ**: per seed, the run's needs-medium accuracy minus its plain run's on the same data and twin
+  weights (MokA for the MokA rows, LoRA for the LoRA rows and IMoD), mean ± std, and on how many seeds it is
+  higher;
 
 * **media acc**: accuracy on the media questions; **needs-media acc**: on those whose answer is not the prior
   (only the medium gives it); **overall**: every test item (text-only sums included);
@@ -18,7 +22,7 @@ split, read once, at the checkpoint validation chose; mean ± std over seeds, ea
 Each run is one `python -m mmbalance_llm train` process (1 thread); finished runs are kept under `--work` and
 reused, so adding a method reruns only its rows.
 
-    python benchmarks/mllm_balance.py --seeds 0,1,2 --jobs 2 --families llava,qwen2_audio
+    python benchmarks/mllm_balance.py --seeds 0,1,2,3,4 --jobs 2 --families llava,qwen2_audio
 writes benchmarks/results/mllm_balance.{json,md}.
 """
 from __future__ import annotations
@@ -114,7 +118,7 @@ def row_values(final: dict, timing: dict, plain_timing: dict | None, medium: str
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--families", default="llava,qwen2_audio")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--text-prior", type=float, default=0.8)
@@ -158,16 +162,24 @@ def main(argv=None) -> int:
         medium = MEDIUM[fam]
         md += [f"\n**Tiny {'LLaVA' if fam == 'llava' else 'Qwen2-Audio'}** ({medium}; text prior "
                f"{args.text_prior}, test without the prior; {len(seeds)} seeds, {args.epochs} epochs)\n",
-               f"| run | {medium} acc | needs-{medium} acc | overall acc | MM gain (val) | {medium} grad share "
-               f"(val) |", "|---|---|---|---|---|---|"]
+               f"| run | {medium} acc | needs-{medium} acc | paired Δ needs-{medium} vs plain (seeds better) | "
+               f"overall acc | MM gain (val) | {medium} grad share (val) |", "|---|---|---|---|---|---|---|"]
         for m in names:
             adapter = METHODS[m][0]
             per_seed = [row_values(finals[(fam, m, s)], timing[(fam, m, s)],
                                    timing.get((fam, PLAIN[adapter], s)), medium) for s in seeds]
             stats = {c: mean_std([v[c] for v in per_seed]) for c in cols}
-            rows[f"{fam}/{m}"] = {"per_seed": per_seed, **{c: stats[c] for c in cols}}
-            md.append(f"| {m} | {fmt(stats['media'])} | {fmt(stats['needs_media'])} | {fmt(stats['overall'])} | "
-                      f"{fmt(stats['gain'])} | {fmt(stats['grad_share'])} |")
+            plain = PLAIN[adapter]
+            paired = "-"
+            if plain != m and plain in names:  # the same seed is the same data and twin: compare seed by seed
+                base = [row_values(finals[(fam, plain, s)], {}, None, medium)["needs_media"] for s in seeds]
+                deltas = [v["needs_media"] - b for v, b in zip(per_seed, base)]
+                better = sum(d > 0 for d in deltas)
+                paired = f"{fmt(mean_std(deltas))} ({better}/{len(deltas)})"
+                stats["paired_delta"] = mean_std(deltas)
+            rows[f"{fam}/{m}"] = {"per_seed": per_seed, **{c: stats[c] for c in stats}}
+            md.append(f"| {m} | {fmt(stats['media'])} | {fmt(stats['needs_media'])} | {paired} | "
+                      f"{fmt(stats['overall'])} | {fmt(stats['gain'])} | {fmt(stats['grad_share'])} |")
     text = "\n".join(md).strip()
     write_result(args.out, text, rows)
     return 0
