@@ -132,7 +132,8 @@ def cmd_methods(args) -> int:
     for name in available_methods():
         d = method_class(name).describe()
         many = "M>2" if d["supports_many_modalities"] else "M=2"
-        print(f"{name:18s} {d['stage']:13s} {many:5s} {d['paper']}")
+        tasks = "+".join(d["tasks"])  # recipe `task`: classify (classifiers) and / or sft (MLLM fine-tuning)
+        print(f"{name:18s} {d['stage']:13s} {tasks:13s} {many:5s} {d['paper']}")
         for key, f in d["hyperparameters"].items():
             print(f"{'':20s}{key} = {f['default']!r}: {f['help']}")
     return 0
