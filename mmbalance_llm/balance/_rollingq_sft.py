@@ -59,15 +59,12 @@ class DecoderRollingQ:
         device = ctx.accelerator.device
         return {k: ctx.reduce_sum(v.to(device)).cpu() for k, v in sums.items()}
 
-    def on_epoch_end(self, model, epoch: int) -> dict:
+    def rotate(self, model) -> dict:
+        """One RollingQ round: the estimation pass, then R <- R_new R for every head above beta."""
         sums = self.estimate(model)
         info = self.handle.rotate(self.config.beta, self.config.sigma, self.config.rotation, sums=sums)
         self.handle.reset()
         return info
-
-    @property
-    def rotation_count(self) -> int:
-        return self.handle.rotation_count
 
     def state(self) -> dict:
         return {"rotation": self.handle.rotation.detach().clone(), "rotation_count": self.handle.rotation_count}

@@ -94,6 +94,13 @@ class TrainContext:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + self.global_step) * 1_009 + salt)
 
 
+def zero_stage(accelerator):
+    """The DeepSpeed ZeRO stage the Accelerator runs (0-3), or None when it does not run DeepSpeed."""
+    if accelerator.distributed_type.name != "DEEPSPEED":
+        return None
+    return int(getattr(getattr(accelerator.state, "deepspeed_plugin", None), "zero_stage", 0) or 0)
+
+
 def model_inputs(batch: dict, modalities) -> dict:
     return {m: batch[m] for m in modalities}
 
@@ -154,10 +161,9 @@ class Balancer:
     def check_engine(self, accelerator, task: str = "classify") -> None:
         """Refuse an engine the method cannot run under, in one line. The loop calls this right after the
         Accelerator is made, before the (minute-long, on CPU) DeepSpeed engine is built; `task` is the recipe's."""
-        if accelerator.distributed_type.name != "DEEPSPEED":
+        stage = zero_stage(accelerator)
+        if stage is None:
             return
-        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-        stage = int(getattr(plugin, "zero_stage", 0) or 0)
         if self.needs_param_grads:
             raise ValueError(f"balance.method '{self.name}' edits parameter gradients, which DeepSpeed does not expose; "
                              f"use DDP (accelerate_configs/ddp_cpu_2proc.yaml or multi_gpu.yaml) or a setting of the "

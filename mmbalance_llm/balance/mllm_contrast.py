@@ -82,25 +82,32 @@ class MLLMContrast(Balancer):
     def loss(self, model, batch, outputs):
         loss, logs = super().loss(model, batch, outputs)
         removed, self._pending = self._pending, None
-        if not removed:
+        if removed is None:  # weight 0 or a step between terms: the same on every rank
             return loss, logs
         lp, n = answer_logprob(outputs.logits, batch["labels"])
         full = lp / n.clamp_min(1)
-        terms, logs = [], dict(logs)
-        for m, (lp_without, has) in removed.items():
-            if not bool(has.any()):
+        # logged over the global batch: one reduction in a fixed modality order, joined by every rank even when its
+        # own batch lacks a medium (a rank that skipped it would leave the others waiting)
+        media = [m for m in self.ctx.modalities if m != "text"]
+        stats = torch.zeros(3 * len(media), dtype=torch.float64, device=full.device)
+        terms = []
+        for i, m in enumerate(media):
+            if m not in removed or not bool(removed[m][1].any()):
                 continue
+            lp_without, has = removed[m]
             margin = (full - lp_without)[has]
             hinge = torch.relu(self.config.target_margin - margin)
             terms.append(hinge.mean())
-            # logged over the whole global batch (summed over processes), so a log does not depend on the split
-            tot = self.ctx.reduce_sum(torch.stack([margin.sum(), hinge.sum(), torch.tensor(float(len(margin)),
-                                                                                   device=margin.device)]).detach())
-            logs[f"margin_{m}"] = float(tot[0] / tot[2])
-            logs.setdefault("_hinge", []).append(float(tot[1] / tot[2]))
-        hinges = logs.pop("_hinge", [])
+            stats[3 * i:3 * i + 3] = torch.stack([margin.sum(), hinge.sum(), has.sum()]).detach().double()
+        stats = self.ctx.reduce_sum(stats).tolist()
+        logs, hinges = dict(logs), []
+        for i, m in enumerate(media):
+            margin_sum, hinge_sum, count = stats[3 * i:3 * i + 3]
+            if count:
+                logs[f"margin_{m}"] = margin_sum / count
+                hinges.append(hinge_sum / count)
+        if hinges:
+            logs["contrast_loss"] = sum(hinges) / len(hinges)
         if not terms:
             return loss, logs
-        aux = torch.stack(terms).mean()
-        logs["contrast_loss"] = sum(hinges) / len(hinges)
-        return loss + self.config.weight * aux, logs
+        return loss + self.config.weight * torch.stack(terms).mean(), logs

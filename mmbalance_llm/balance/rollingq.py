@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from mmbalance_llm.balance import register
-from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp, model_inputs
+from mmbalance_llm.balance.base import Balancer, BalancerConfig, hp, model_inputs, zero_stage
 from mmbalance_llm.eval.evaluator import recording
 from mmbalance_llm.models.rolling_query import rotate_from_sums
 
@@ -91,7 +91,7 @@ class RollingQ(Balancer):
                              "under DDP (accelerate_configs/ddp_cpu_2proc.yaml or multi_gpu.yaml)")
         plugin = getattr(accelerator.state, "deepspeed_plugin", None)
         config = getattr(plugin, "deepspeed_config", None) or {}
-        if (accelerator.distributed_type.name == "DEEPSPEED" and int(getattr(plugin, "zero_stage", 0) or 0) == 3
+        if (zero_stage(accelerator) == 3
                 and config.get("zero_optimization", {}).get("memory_efficient_linear", True) is False):
             return  # torch's linear: measured equal to DDP
         super().check_engine(accelerator, task)
@@ -134,23 +134,21 @@ class RollingQ(Balancer):
     def on_epoch_end(self, model, epoch: int) -> None:
         if self.rotations >= self.config.r_time:
             return
-        if self._decoder is not None:
-            info = self._decoder.on_epoch_end(model, epoch)
-            rotated = bool(info["rotated"].any())
-            self.rotations += int(rotated)
-        else:
-            core = self.ctx.unwrap(model)
-            sums = self.estimate(model)
-            rotation = core.query_rotation
-            info = rotate_from_sums(sums, rotation, self.config.beta, self.config.sigma, self.config.rotation)
-            rotated = bool(info["rotated"].any())
-            if rotated:
-                self.rotations += 1
-                core.config.rotation_count = int(core.config.rotation_count) + 1
+        info = self._decoder.rotate(model) if self._decoder is not None else self._rotate_fusion_query(model)
+        rotated = bool(info["rotated"].any())
+        self.rotations += int(rotated)
         self.ctx.log({"step": self.ctx.global_step, "epoch": epoch + 1, "split": "rollingq",
                       "air": float(info["air"].mean()), "rotated_heads": int(info["rotated"].sum()),
                       "rotation_angle_deg": float(info["angle"][info["rotated"]].mean()) if rotated else 0.0,
                       "rotations": self.rotations})
+
+    def _rotate_fusion_query(self, model) -> dict:
+        core = self.ctx.unwrap(model)
+        info = rotate_from_sums(self.estimate(model), core.query_rotation, self.config.beta, self.config.sigma,
+                                self.config.rotation)
+        if bool(info["rotated"].any()):
+            core.config.rotation_count = int(core.config.rotation_count) + 1
+        return info
 
     def state_dict(self) -> dict:
         if self._decoder is not None:  # the decoder's rotation is not in the model's weights: keep it here

@@ -117,9 +117,9 @@ class SFTTask(Task):
         self.evaluator = SFTEvaluator(self.collator, r.eval, r.train.per_device_eval_batch_size, self.dtype)
 
     def check_engine(self, accelerator) -> None:
-        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-        if (self.recipe.adapter == "imod" and accelerator.distributed_type.name == "DEEPSPEED"
-                and int(getattr(plugin, "zero_stage", 0) or 0) == 3):
+        from mmbalance_llm.balance.base import zero_stage
+
+        if self.recipe.adapter == "imod" and zero_stage(accelerator) == 3:
             from mmbalance_llm.config import RecipeError
 
             raise RecipeError("adapter: imod computes its constraint gradients from each layer's A during the "
