@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from moka_vs_lora import _cuda, build, make_batch, peak_bytes  # noqa: E402
+from moka_vs_lora import _cuda, build, interleaved_medians, make_batch  # noqa: E402
 
 
 def imod_loss(out):
@@ -70,20 +68,7 @@ def main(argv=None) -> int:
         r["opt"].step()
         r["opt"].zero_grad(set_to_none=False)
 
-    for r in runs.values():  # warm-up (allocator, kernels) and memory
-        step(r)
-        r["peak"] = peak_bytes(r["model"], r["batch"], r["opt"], device, loss_of=imod_loss)
-    for _ in range(a.rounds):
-        for r in runs.values():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(a.steps):
-                step(r)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            r["times"].append((time.perf_counter() - t0) / a.steps)
-    med = {k: statistics.median(r["times"]) for k, r in runs.items()}
+    med = interleaved_medians(runs, step, a.rounds, a.steps, device, loss_of=imod_loss)
     seq = runs["lora"]["batch"]["input_ids"].shape[1]
     n_img = runs["lora"]["model"].config.image_seq_length
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"

@@ -123,20 +123,7 @@ def main(argv=None) -> int:
         r["opt"].step()
         r["opt"].zero_grad(set_to_none=False)
 
-    for r in runs.values():  # warm-up (allocator, kernels) and memory
-        step(r)
-        r["peak"] = peak_bytes(r["model"], r["batch"], r["opt"], device)
-    for _ in range(a.rounds):
-        for r in runs.values():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(a.steps):
-                step(r)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            r["times"].append((time.perf_counter() - t0) / a.steps)
-    med = {k: statistics.median(r["times"]) for k, r in runs.items()}
+    med = interleaved_medians(runs, step, a.rounds, a.steps, device)
     seq = runs["lora"]["batch"]["input_ids"].shape[1]
     n_img = runs["lora"]["model"].config.image_seq_length
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -160,6 +147,27 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return 0
+
+
+def interleaved_medians(runs: dict, step, rounds: int, steps: int, device, loss_of=lambda out: out.loss) -> dict:
+    """Warm each run up and record its peak memory (`r["peak"]`), then time `steps` steps of every run in each of
+    `rounds` interleaved rounds; returns each run's median step time."""
+    import torch
+
+    for r in runs.values():  # warm-up (allocator, kernels) and memory
+        step(r)
+        r["peak"] = peak_bytes(r["model"], r["batch"], r["opt"], device, loss_of=loss_of)
+    for _ in range(rounds):
+        for r in runs.values():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(r)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            r["times"].append((time.perf_counter() - t0) / steps)
+    return {k: statistics.median(r["times"]) for k, r in runs.items()}
 
 
 def _cuda() -> bool:
