@@ -99,3 +99,15 @@ def test_rollingq_sft_under_two_processes_rotates_like_one(tmp_path):
     # the weights after one epoch differ in the last bits between 1 x 4 and 2 x 2 samples per step)
     assert rq[0][0]["air"] == pytest.approx(rq[1][0]["air"], rel=1e-3)
     assert rq[0][0]["rotated_heads"] == rq[1][0]["rotated_heads"]
+
+
+@pytest.mark.parametrize("setting", [{"layers": [0]}, {"estimate_max_batches": 2}])
+def test_sft_only_settings_are_refused_for_the_classifier(tmp_path, tiny_data, setting):
+    from conftest import tiny_recipe
+
+    from mmbalance_llm.train.trainer import Trainer
+
+    raw = tiny_recipe(tiny_data(), str(tmp_path / "out"), "rollingq", balance=setting)
+    with pytest.raises(ValueError, match=f"balance.{next(iter(setting))} applies to task sft"):
+        Trainer(raw)
+    assert not (tmp_path / "out").exists()

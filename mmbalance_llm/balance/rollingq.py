@@ -113,6 +113,10 @@ class RollingQ(Balancer):
 
             self._decoder = DecoderRollingQ(ctx, model, self.config)
             return
+        for key, plain in (("layers", []), ("estimate_max_batches", 0)):
+            if getattr(self.config, key) != plain:
+                raise ValueError(f"balance.{key} applies to task sft (an MLLM decoder); the classifier version "
+                                 f"rotates its fusion layers' queries over the whole training split")
         core = ctx.unwrap(model)
         if not (hasattr(core, "query_rotation") and hasattr(core, "diagnostic_sums")):
             raise ValueError("balance.method 'rollingq' needs an attention-fusion model with a query rotation "
